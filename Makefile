@@ -1,0 +1,37 @@
+# Two commands for a fresh machine:  `make reproduce`  and  `make test`.
+# Both run the idempotent set-up first (virtual environment, packages, kernel, dataset).
+VENV ?= .venv
+PROFILE ?= default
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export PYTHONHASHSEED := 0
+
+.PHONY: setup reproduce test test-fast lint profile smoke bench clean-outputs
+
+setup:
+	@VENV=$(VENV) bash scripts/setup.sh
+
+## Reproduce every stage of the pipeline for the profile in params.yaml (default profile).
+reproduce: setup
+	python -m calib.config params.yaml
+	dvc repro
+	dvc metrics show
+
+## Unit, property and notebook-convention tests, plus one end-to-end smoke run of the pipeline.
+test: setup
+	python -m pytest -q
+
+## Everything but the end-to-end pipeline run.
+test-fast: setup
+	python -m pytest -q -m "not slow"
+
+lint: setup
+	ruff check calib tests benchmarks
+
+## Switch params.yaml to a profile: make profile PROFILE=smoke|default|paper
+profile:
+	python -m calib.profiles $(PROFILE)
+
+## Run the whole pipeline at smoke scale in this checkout (switches params.yaml to smoke).
+smoke: setup
+	python -m calib.profiles smoke
+	dvc repro

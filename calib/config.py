@@ -1,0 +1,160 @@
+"""Validation of ``params.yaml``: fail fast, before any work, naming the key and what is allowed.
+
+``check_params`` is run by :mod:`calib.pipeline` before every stage's notebook starts, and by
+``python -m calib.config [params.yaml]`` on its own. Each top-level section has one checker;
+a section a checker does not know is left alone, so stages can be added section by section.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A parameter is missing, of the wrong type or out of range."""
+
+
+def _get(section: Mapping[str, Any], key: str, prefix: str) -> Any:
+    if key not in section:
+        raise ConfigError(f"missing parameter {prefix}.{key}")
+    return section[key]
+
+
+def require_choice(value: Any, allowed: Iterable[str], key: str) -> None:
+    allowed = list(allowed)
+    if value not in allowed:
+        raise ConfigError(f"{key} = {value!r} is not allowed; choose one of {allowed}")
+
+
+def require_int(value: Any, key: str, *, minimum: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{key} must be an integer, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{key} must be >= {minimum}, got {value}")
+
+
+def require_number(value: Any, key: str, *, low: float | None = None, high: float | None = None,
+                   low_open: bool = False, high_open: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{key} must be a number, got {value!r}")
+    lo_bad = low is not None and (value <= low if low_open else value < low)
+    hi_bad = high is not None and (value >= high if high_open else value > high)
+    if lo_bad or hi_bad:
+        lo = "-inf" if low is None else f"{low}"
+        hi = "inf" if high is None else f"{high}"
+        left = "(" if low_open or low is None else "["
+        right = ")" if high_open or high is None else "]"
+        interval = f"{left}{lo}, {hi}{right}"
+        raise ConfigError(f"{key} = {value} is out of range; allowed: {interval}")
+
+
+def require_bool(value: Any, key: str) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+
+
+def _check_top(params: Mapping[str, Any]) -> None:
+    require_int(_get(params, "seed", "params"), "seed", minimum=0)
+    device = _get(params, "device", "params")
+    if not isinstance(device, str) or not (device in ("auto", "cpu") or device.startswith("cuda")):
+        raise ConfigError(f"device = {device!r} is not allowed; choose 'auto', 'cpu' or 'cuda[:N]'")
+
+
+def _check_data(data: Mapping[str, Any]) -> None:
+    from calib.data import DATASETS
+
+    require_choice(_get(data, "dataset", "data"), sorted(DATASETS), "data.dataset")
+    if not isinstance(_get(data, "root", "data"), str):
+        raise ConfigError("data.root must be a path string")
+    require_bool(_get(data, "download", "data"), "data.download")
+    require_number(_get(data, "val_fraction", "data"), "data.val_fraction", low=0, high=1,
+                   low_open=True, high_open=True)
+    require_int(_get(data, "attack_size", "data"), "data.attack_size", minimum=1)
+    require_int(_get(data, "subset_train", "data"), "data.subset_train", minimum=0)
+
+
+def _check_models(models: Mapping[str, Any]) -> None:
+    from calib.models import check_arch
+
+    if not isinstance(models, Mapping) or not models:
+        raise ConfigError("models must map model names to {arch, pretrained, img_size}")
+    for name, spec in models.items():
+        prefix = f"models.{name}"
+        arch = _get(spec, "arch", prefix)
+        try:
+            check_arch(arch)
+        except ValueError as err:
+            raise ConfigError(f"{prefix}.arch: {err}") from None
+        require_bool(_get(spec, "pretrained", prefix), f"{prefix}.pretrained")
+        require_int(_get(spec, "img_size", prefix), f"{prefix}.img_size", minimum=8)
+
+
+def _check_train(train: Mapping[str, Any], models: Mapping[str, Any]) -> None:
+    from calib.train import OPTIMIZERS
+
+    for name in models:
+        if name not in train:
+            raise ConfigError(f"missing parameter train.{name} (every model needs a train entry)")
+    for name, spec in train.items():
+        prefix = f"train.{name}"
+        if name not in models:
+            raise ConfigError(f"{prefix} has no model; allowed names: {sorted(models)}")
+        require_int(_get(spec, "epochs", prefix), f"{prefix}.epochs", minimum=1)
+        require_int(_get(spec, "batch_size", prefix), f"{prefix}.batch_size", minimum=1)
+        require_choice(_get(spec, "optimizer", prefix), OPTIMIZERS, f"{prefix}.optimizer")
+        require_number(_get(spec, "lr", prefix), f"{prefix}.lr", low=0, low_open=True)
+        require_number(_get(spec, "weight_decay", prefix), f"{prefix}.weight_decay", low=0)
+        require_number(_get(spec, "warmup_epochs", prefix), f"{prefix}.warmup_epochs", low=0)
+        require_int(_get(spec, "augment_pad", prefix), f"{prefix}.augment_pad", minimum=0)
+        require_bool(_get(spec, "augment_flip", prefix), f"{prefix}.augment_flip")
+
+
+#: section name -> checker(params) ; each reads what it needs from the whole mapping.
+SECTION_CHECKS: dict[str, Callable[[Mapping[str, Any]], None]] = {
+    "data": lambda p: _check_data(p["data"]),
+    "models": lambda p: _check_models(p["models"]),
+    "train": lambda p: _check_train(p["train"], p.get("models", {})),
+}
+
+
+def check_params(params: Mapping[str, Any]) -> None:
+    """Validate a parsed params.yaml; raise :class:`ConfigError` naming the offending key."""
+    if not isinstance(params, Mapping):
+        raise ConfigError("params.yaml must be a mapping of sections")
+    _check_top(params)
+    for section, check in SECTION_CHECKS.items():
+        if section not in params:
+            raise ConfigError(f"missing section {section!r} in params.yaml")
+        check(params)
+
+
+def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
+    """Read and validate a params file."""
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"no parameters file at {p}")
+    with p.open(encoding="utf-8") as fh:
+        params = yaml.safe_load(fh)
+    check_params(params)
+    return params
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    path = args[0] if args else "params.yaml"
+    try:
+        load_params(path)
+    except ConfigError as err:
+        print(f"invalid configuration in {path}: {err}", file=sys.stderr)
+        return 2
+    print(f"{path}: ok")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,116 @@
+"""Atomic file output, JSON and safetensors helpers, run provenance.
+
+Every writer goes through :func:`atomic_path`: the content is written to a temporary file in
+the destination folder and renamed into place, so a crash never leaves a half-written file
+where a later stage would read it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str], suffix: str | None = None) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` if the block succeeds.
+
+    The temporary file keeps the destination's suffix (``suffix`` overrides) because some
+    writers (matplotlib, safetensors) dispatch on it.
+    """
+    dest = Path(path)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(
+        prefix=f".{dest.name}.", suffix=suffix if suffix is not None else dest.suffix,
+        dir=dest.parent,
+    )
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, dest)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _to_jsonable(obj: Any) -> Any:
+    if isinstance(obj, Mapping):
+        return {str(k): _to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_to_jsonable(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return _to_jsonable(obj.tolist())
+    if hasattr(obj, "item") and callable(obj.item):  # numpy scalars
+        return obj.item()
+    if isinstance(obj, float):
+        return round(obj, 6)
+    return obj
+
+
+def write_json(path: str | os.PathLike[str], obj: Any) -> None:
+    """Write ``obj`` as indented, key-sorted JSON (floats rounded to 6 digits), atomically."""
+    text = json.dumps(_to_jsonable(obj), indent=2, sort_keys=True) + "\n"
+    write_text(path, text)
+
+
+def read_json(path: str | os.PathLike[str]) -> Any:
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` atomically (UTF-8)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def save_tensors(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor],
+                 metadata: Mapping[str, str] | None = None) -> None:
+    """Save a flat dict of tensors as safetensors, atomically (no pickles on disk)."""
+    from safetensors.torch import save_file
+
+    contiguous = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(contiguous, str(tmp), metadata=dict(metadata) if metadata else None)
+
+
+def load_tensors(path: str | os.PathLike[str], device: str | torch.device = "cpu"
+                 ) -> dict[str, torch.Tensor]:
+    """Load a safetensors file into a dict of tensors."""
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"missing tensor file {p} (run the stage that produces it)")
+    return load_file(str(p), device=str(device))
+
+
+def environment_info(device: str | torch.device | None = None, seed: int | None = None
+                     ) -> dict[str, Any]:
+    """Library versions, device and seed, recorded in every metrics file."""
+    import numpy
+    import timm
+    import torchvision
+
+    info: dict[str, Any] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "timm": timm.__version__,
+        "numpy": numpy.__version__,
+        "platform": platform.machine(),
+    }
+    if device is not None:
+        info["device"] = str(device)
+    if seed is not None:
+        info["seed"] = int(seed)
+    return info

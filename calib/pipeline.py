@@ -1,0 +1,121 @@
+"""Run one pipeline stage: validate params.yaml, then execute its notebook with papermill.
+
+Usage (this is what every ``dvc.yaml`` stage calls)::
+
+    python -m calib.pipeline NOTEBOOK OUTPUT [-p NAME VALUE ...]
+
+* ``params.yaml`` is validated first (:func:`calib.config.load_params`), so bad configuration
+  stops the stage before a kernel starts, naming the key and the allowed values.
+* The ``-p`` names must be exactly the names in the notebook's single ``parameters`` cell.
+  Values are parsed as YAML scalars (``true``, ``0.05``, ``null`` ...), which is how DVC renders
+  params.yaml values into the command line.
+* The executed notebook is written beside OUTPUT and renamed into place only if every cell ran;
+  a failed run is kept under ``reports/failed/`` for debugging and the stage exits non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+#: The Jupyter kernel that ``make setup`` registers for the project's environment.
+KERNEL_NAME = "calib"
+
+
+def parameter_names(notebook: str | Path) -> list[str]:
+    """Names assigned in the notebook's single cell tagged ``parameters`` (in order)."""
+    nb = json.loads(Path(notebook).read_text(encoding="utf-8"))
+    cells = [c for c in nb.get("cells", []) if c.get("cell_type") == "code"
+             and "parameters" in c.get("metadata", {}).get("tags", [])]
+    if len(cells) != 1:
+        raise ValueError(
+            f"{notebook}: expected exactly one cell tagged 'parameters', found {len(cells)}")
+    source = cells[0]["source"]
+    source = "".join(source) if isinstance(source, list) else source
+    names: list[str] = []
+    for node in ast.parse(source).body:
+        targets = node.targets if isinstance(node, ast.Assign) else (
+            [node.target] if isinstance(node, ast.AnnAssign) else [])
+        names += [t.id for t in targets if isinstance(t, ast.Name)]
+    return names
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value as YAML would read it (DVC renders booleans as true/false)."""
+    value = yaml.safe_load(text)
+    return text if isinstance(value, dict | list) else value
+
+
+def _kernel_available(name: str) -> bool:
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    return name in KernelSpecManager().find_kernel_specs()
+
+
+def run_stage(notebook: str, output: str, parameters: dict[str, Any], *,
+              params_file: str = "params.yaml", kernel: str = KERNEL_NAME) -> None:
+    """Validate configuration and parameters, then execute ``notebook`` into ``output``."""
+    import papermill as pm
+
+    from calib.config import load_params
+
+    load_params(params_file)
+    expected = parameter_names(notebook)
+    if sorted(expected) != sorted(parameters):
+        missing = sorted(set(expected) - set(parameters))
+        extra = sorted(set(parameters) - set(expected))
+        raise ValueError(f"{notebook}: stage parameters do not match the parameters cell "
+                         f"(missing: {missing}, unknown: {extra})")
+    if not _kernel_available(kernel):
+        raise RuntimeError(f"Jupyter kernel {kernel!r} is not registered; run `make setup` (it "
+                           f"registers the project's environment as {kernel!r})")
+    out = Path(output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.partial")
+    try:
+        pm.execute_notebook(notebook, str(tmp), parameters=parameters, kernel_name=kernel,
+                            log_output=True, progress_bar=False, cwd=os.getcwd())
+    except BaseException:
+        if tmp.exists():
+            failed = Path("reports/failed") / out.name
+            failed.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, failed)
+            print(f"stage failed; the partly executed notebook is in {failed}", file=sys.stderr)
+        raise
+    os.replace(tmp, out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m calib.pipeline", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("notebook")
+    parser.add_argument("output")
+    parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[],
+                        metavar=("NAME", "VALUE"))
+    parser.add_argument("--params-file", default="params.yaml")
+    parser.add_argument("-k", "--kernel", default=KERNEL_NAME)
+    args = parser.parse_args(argv)
+    parameters = {name: parse_value(value) for name, value in args.parameter}
+    try:
+        run_stage(args.notebook, args.output, parameters, params_file=args.params_file,
+                  kernel=args.kernel)
+    except Exception as err:  # a clean one-line reason on stderr, full detail above it
+        from papermill.exceptions import PapermillExecutionError
+
+        if isinstance(err, PapermillExecutionError):
+            print(f"error in {args.notebook}: {err.ename}: {err.evalue}", file=sys.stderr)
+        else:
+            print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,208 @@
+"""Figures: reliability diagrams, confidence histograms, training curves, example grids.
+
+One pinned style and deterministic files: PNGs are written without software metadata and
+PDFs without creation dates, so an unchanged result keeps its hash (DVC and git see no change).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+from calib.constants import N_BINS
+from calib.io import atomic_path
+from calib.metrics import ArrayLike, ReliabilityBins, reliability_bins
+
+STYLE: dict[str, object] = {
+    "figure.dpi": 100,
+    "savefig.dpi": 120,
+    "font.size": 10,
+    "axes.titlesize": 11,
+    "axes.labelsize": 10,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "legend.frameon": False,
+    "svg.hashsalt": "calib",
+    "path.simplify": True,
+}
+
+#: Colours shared by all figures (colour-blind-safe, from seaborn's "colorblind" palette).
+PALETTE = ["#0173b2", "#de8f05", "#029e73", "#d55e00", "#cc78bc", "#ca9161", "#fbafe4",
+           "#949494", "#ece133", "#56b4e9"]
+ATTACK_COLOURS = {"clean": "#0173b2", "uca": "#de8f05", "oca": "#d55e00", "mma": "#cc78bc",
+                  "rca": "#029e73"}
+
+
+def use_style() -> None:
+    """Apply the project's pinned matplotlib style."""
+    plt.rcParams.update(STYLE)
+
+
+def save_figure(fig: Figure, path: str | os.PathLike[str], *, close: bool = True) -> None:
+    """Save ``fig`` atomically and deterministically (format from the suffix: png, pdf, svg)."""
+    path = os.fspath(path)
+    ext = os.path.splitext(path)[1].lower().lstrip(".")
+    metadata: dict[str, str | None]
+    if ext == "png":
+        metadata = {"Software": None}
+    elif ext == "pdf":
+        metadata = {"Creator": None, "Producer": None, "CreationDate": None}
+    elif ext == "svg":
+        metadata = {"Creator": None, "Date": None}
+    else:
+        raise ValueError(f"unsupported figure format {ext!r}; allowed: png, pdf, svg")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=ext, metadata=metadata, bbox_inches="tight")
+    if close:
+        plt.close(fig)
+
+
+def reliability_diagram(ax: Axes, confidences: ArrayLike, correct: ArrayLike, *,
+                        n_bins: int = N_BINS, title: str | None = None,
+                        colour: str = PALETTE[0]) -> ReliabilityBins:
+    """Draw a reliability diagram (per-bin accuracy bars against the diagonal) on ``ax``.
+
+    Bars show the accuracy of each confidence bin; the hatched red part is the gap to the
+    bin's mean confidence. The ECE is printed in the corner. Returns the bins.
+    """
+    bins = reliability_bins(confidences, correct, n_bins)
+    edges = np.asarray(bins.edges)
+    width = edges[1] - edges[0]
+    centres = edges[:-1] + width / 2
+    acc = np.nan_to_num(np.asarray(bins.accuracy), nan=0.0)
+    conf = np.asarray(bins.confidence)
+    has = np.asarray(bins.counts) > 0
+    ax.bar(centres[has], acc[has], width=width, color=colour, edgecolor="white",
+           linewidth=0.6, label="accuracy")
+    gap_lo = np.minimum(acc, conf)[has]
+    gap_hi = np.maximum(acc, conf)[has]
+    ax.bar(centres[has], gap_hi - gap_lo, bottom=gap_lo, width=width, color="none",
+           edgecolor="#c0392b", hatch="///", linewidth=0.0, label="gap to confidence")
+    ax.plot([0, 1], [0, 1], ls="--", color="#555555", lw=1)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("accuracy")
+    ax.text(0.04, 0.93, f"ECE = {bins.ece:.3f}", transform=ax.transAxes, fontsize=9,
+            bbox={"facecolor": "white", "edgecolor": "#cccccc", "boxstyle": "round"})
+    if title:
+        ax.set_title(title)
+    return bins
+
+
+def confidence_histogram(ax: Axes, confidences: ArrayLike, *, n_bins: int = N_BINS,
+                         title: str | None = None, colour: str = PALETTE[0],
+                         label: str | None = None, alpha: float = 0.85) -> None:
+    """Histogram of confidences (fraction of samples per bin) with the mean marked."""
+    conf = _np(confidences)
+    weights = np.full_like(conf, 1.0 / max(1, conf.size))
+    ax.hist(conf, bins=np.linspace(0, 1, n_bins + 1), weights=weights, color=colour,
+            alpha=alpha, edgecolor="white", linewidth=0.6, label=label)
+    ax.axvline(conf.mean(), color=colour, ls="--", lw=1.2)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("fraction of samples")
+    if title:
+        ax.set_title(title)
+
+
+def training_curves(history: Sequence[dict[str, float]], *, title: str | None = None) -> Figure:
+    """Loss and accuracy per epoch (train and validation) as a two-panel figure."""
+    use_style()
+    epochs = [h["epoch"] for h in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.4))
+    ax_loss.plot(epochs, [h["train_loss"] for h in history], marker="o", label="train",
+                 color=PALETTE[0])
+    ax_loss.plot(epochs, [h["val_loss"] for h in history], marker="o", label="validation",
+                 color=PALETTE[1])
+    ax_loss.set_xlabel("epoch")
+    ax_loss.set_ylabel("cross-entropy")
+    ax_loss.legend()
+    ax_acc.plot(epochs, [h["train_accuracy"] for h in history], marker="o", label="train",
+                color=PALETTE[0])
+    ax_acc.plot(epochs, [h["val_accuracy"] for h in history], marker="o", label="validation",
+                color=PALETTE[1])
+    ax_acc.set_xlabel("epoch")
+    ax_acc.set_ylabel("accuracy")
+    ax_acc.legend()
+    for ax in (ax_loss, ax_acc):
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def image_grid(images: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str], *,
+               per_class: int = 6, title: str | None = None) -> Figure:
+    """A grid with ``per_class`` example images (rows) for each class (columns)."""
+    use_style()
+    k = len(class_names)
+    fig, axes = plt.subplots(per_class, k, figsize=(1.05 * k, 1.1 * per_class), squeeze=False)
+    for c in range(k):
+        idx = torch.nonzero(labels == c).flatten()[:per_class]
+        for r in range(per_class):
+            ax = axes[r, c]
+            ax.axis("off")
+            if r < len(idx):
+                img = images[idx[r]].detach().cpu().float()
+                if img.shape[0] == 1:
+                    ax.imshow(img[0].numpy(), cmap="gray", vmin=0, vmax=1)
+                else:
+                    ax.imshow(img.permute(1, 2, 0).clamp(0, 1).numpy())
+            if r == 0:
+                ax.set_title(class_names[c], fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def class_balance(counts: dict[str, Sequence[int]], class_names: Sequence[str], *,
+                  title: str | None = None) -> Figure:
+    """Grouped bar chart of samples per class for each split."""
+    use_style()
+    k = len(class_names)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * k), 3.4))
+    width = 0.8 / max(1, len(counts))
+    for i, (split, values) in enumerate(counts.items()):
+        ax.bar(np.arange(k) + i * width - 0.4 + width / 2, list(values), width=width,
+               label=split, color=PALETTE[i % len(PALETTE)])
+    ax.set_xticks(np.arange(k))
+    ax.set_xticklabels(class_names, rotation=35, ha="right")
+    ax.set_ylabel("images")
+    ax.legend()
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def calibration_panel(confidences: ArrayLike, correct: ArrayLike, *, title: str,
+                      n_bins: int = N_BINS) -> Figure:
+    """Reliability diagram and confidence histogram side by side for one model/condition."""
+    use_style()
+    fig, (ax_rel, ax_hist) = plt.subplots(1, 2, figsize=(8.6, 3.6))
+    reliability_diagram(ax_rel, confidences, correct, n_bins=n_bins, title="reliability")
+    confidence_histogram(ax_hist, confidences, n_bins=n_bins, title="confidence histogram")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def _np(x: ArrayLike) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().double().numpy().reshape(-1)
+    return np.asarray(x, dtype=np.float64).reshape(-1)

@@ -1,0 +1,87 @@
+"""Conventions that keep the DVC + papermill pipeline honest (DESIGN.md).
+
+* source notebooks carry no outputs and exactly one ``parameters`` cell;
+* every stage passes exactly the names of its notebook's parameters cell;
+* every params key a stage's command reads is declared in its ``params`` and vice versa;
+* the committed params.yaml is the default profile, and every profile validates.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from calib.pipeline import parameter_names
+from calib.profiles import PROFILES, render_profile
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+
+
+def _stages() -> dict[str, dict]:
+    with (ROOT / "dvc.yaml").open() as fh:
+        doc = yaml.safe_load(fh)
+    out = {}
+    for name, stage in doc["stages"].items():
+        out[name] = stage["do"] if "do" in stage else stage
+    return out
+
+
+def test_there_are_notebooks():
+    assert NOTEBOOKS, "no notebooks found"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_source_notebook_has_no_outputs(path):
+    nb = json.loads(path.read_text())
+    for cell in nb["cells"]:
+        if cell["cell_type"] == "code":
+            assert cell.get("outputs") == [], f"{path.name}: a code cell carries outputs"
+            assert cell.get("execution_count") is None, f"{path.name}: execution count stored"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_exactly_one_parameters_cell(path):
+    assert parameter_names(path)  # raises unless exactly one tagged cell
+
+
+@pytest.mark.parametrize("name,stage", sorted(_stages().items()))
+def test_stage_passes_exactly_the_parameters_cell(name, stage):
+    cmd = stage["cmd"]
+    notebook = re.search(r"notebooks/\S+\.ipynb", cmd).group(0)
+    passed = re.findall(r"-p (\w+) ", cmd + " ")
+    assert len(passed) == len(set(passed)), f"{name}: a parameter is passed twice"
+    assert sorted(passed) == sorted(parameter_names(ROOT / notebook)), name
+    assert notebook in stage["deps"], f"{name}: its notebook is not a dependency"
+
+
+@pytest.mark.parametrize("name,stage", sorted(_stages().items()))
+def test_stage_declares_exactly_the_params_it_reads(name, stage):
+    # Inside a foreach over `models`, ${key} is the model name and ${item.x} is models.<key>.x.
+    cmd = stage["cmd"].replace("${key}", "KEY").replace("${item.", "${models.KEY.")
+    used = set(re.findall(r"\$\{([^}]+)\}", cmd))
+    declared = {p.replace("${key}", "KEY") for p in stage.get("params", []) if isinstance(p, str)}
+    covered = {u for u in used if any(u == d or u.startswith(d + ".") for d in declared)}
+    assert covered == used, f"{name}: reads {sorted(used - covered)} without declaring them"
+    unused = {d for d in declared if not any(u == d or u.startswith(d + ".") for u in used)}
+    assert not unused, f"{name}: declares {sorted(unused)} but does not pass them"
+
+
+def test_executed_notebooks_are_outputs_not_deps():
+    for name, stage in _stages().items():
+        for dep in stage.get("deps", []):
+            assert not str(dep).startswith("reports/"), f"{name} depends on an executed notebook"
+
+
+def test_committed_params_are_the_default_profile():
+    assert (ROOT / "params.yaml").read_text() == (ROOT / "profiles/default.yaml").read_text()
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_every_profile_validates(profile):
+    params = render_profile(profile, ROOT / "profiles")
+    assert params["profile"] == profile
