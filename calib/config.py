@@ -82,7 +82,7 @@ def _check_models(models: Mapping[str, Any]) -> None:
     from calib.models import check_arch
 
     if not isinstance(models, Mapping) or not models:
-        raise ConfigError("models must map model names to {arch, pretrained, img_size}")
+        raise ConfigError("models must map model names to {arch, pretrained, img_size, train}")
     for name, spec in models.items():
         prefix = f"models.{name}"
         arch = _get(spec, "arch", prefix)
@@ -92,33 +92,26 @@ def _check_models(models: Mapping[str, Any]) -> None:
             raise ConfigError(f"{prefix}.arch: {err}") from None
         require_bool(_get(spec, "pretrained", prefix), f"{prefix}.pretrained")
         require_int(_get(spec, "img_size", prefix), f"{prefix}.img_size", minimum=8)
+        _check_train(_get(spec, "train", prefix), f"{prefix}.train")
 
 
-def _check_train(train: Mapping[str, Any], models: Mapping[str, Any]) -> None:
+def _check_train(spec: Mapping[str, Any], prefix: str) -> None:
     from calib.train import OPTIMIZERS
 
-    for name in models:
-        if name not in train:
-            raise ConfigError(f"missing parameter train.{name} (every model needs a train entry)")
-    for name, spec in train.items():
-        prefix = f"train.{name}"
-        if name not in models:
-            raise ConfigError(f"{prefix} has no model; allowed names: {sorted(models)}")
-        require_int(_get(spec, "epochs", prefix), f"{prefix}.epochs", minimum=1)
-        require_int(_get(spec, "batch_size", prefix), f"{prefix}.batch_size", minimum=1)
-        require_choice(_get(spec, "optimizer", prefix), OPTIMIZERS, f"{prefix}.optimizer")
-        require_number(_get(spec, "lr", prefix), f"{prefix}.lr", low=0, low_open=True)
-        require_number(_get(spec, "weight_decay", prefix), f"{prefix}.weight_decay", low=0)
-        require_number(_get(spec, "warmup_epochs", prefix), f"{prefix}.warmup_epochs", low=0)
-        require_int(_get(spec, "augment_pad", prefix), f"{prefix}.augment_pad", minimum=0)
-        require_bool(_get(spec, "augment_flip", prefix), f"{prefix}.augment_flip")
+    require_int(_get(spec, "epochs", prefix), f"{prefix}.epochs", minimum=1)
+    require_int(_get(spec, "batch_size", prefix), f"{prefix}.batch_size", minimum=1)
+    require_choice(_get(spec, "optimizer", prefix), OPTIMIZERS, f"{prefix}.optimizer")
+    require_number(_get(spec, "lr", prefix), f"{prefix}.lr", low=0, low_open=True)
+    require_number(_get(spec, "weight_decay", prefix), f"{prefix}.weight_decay", low=0)
+    require_number(_get(spec, "warmup_epochs", prefix), f"{prefix}.warmup_epochs", low=0)
+    require_int(_get(spec, "augment_pad", prefix), f"{prefix}.augment_pad", minimum=0)
+    require_bool(_get(spec, "augment_flip", prefix), f"{prefix}.augment_flip")
 
 
 #: section name -> checker(params) ; each reads what it needs from the whole mapping.
 SECTION_CHECKS: dict[str, Callable[[Mapping[str, Any]], None]] = {
     "data": lambda p: _check_data(p["data"]),
     "models": lambda p: _check_models(p["models"]),
-    "train": lambda p: _check_train(p["train"], p.get("models", {})),
 }
 
 

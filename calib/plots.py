@@ -206,3 +206,55 @@ def _np(x: ArrayLike) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         return x.detach().cpu().double().numpy().reshape(-1)
     return np.asarray(x, dtype=np.float64).reshape(-1)
+
+
+def reliability_grid(panels: dict[str, dict[str, tuple[ArrayLike, ArrayLike]]], *,
+                     title: str | None = None, n_bins: int = N_BINS) -> Figure:
+    """The paper's Fig. 1: reliability diagrams before and after each attack.
+
+    Args:
+        panels: row name (e.g. "square L-inf") -> column name (e.g. "clean", "uca") ->
+            (confidences (N,), correct (N,)).
+    """
+    use_style()
+    rows = list(panels)
+    cols = list(dict.fromkeys(c for r in rows for c in panels[r]))
+    fig, axes = plt.subplots(len(rows), len(cols), figsize=(2.7 * len(cols), 2.7 * len(rows)),
+                             squeeze=False, sharex=True, sharey=True)
+    for i, row in enumerate(rows):
+        for j, col in enumerate(cols):
+            ax = axes[i, j]
+            if col not in panels[row]:
+                ax.axis("off")
+                continue
+            conf, correct = panels[row][col]
+            reliability_diagram(ax, conf, correct, n_bins=n_bins,
+                                colour=ATTACK_COLOURS.get(col, PALETTE[0]))
+            ax.set_title(f"{row}: {col.upper() if col != 'clean' else 'clean'}", fontsize=9)
+            if i < len(rows) - 1:
+                ax.set_xlabel("")
+            if j > 0:
+                ax.set_ylabel("")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def confidence_histograms(conditions: dict[str, ArrayLike], *, title: str | None = None,
+                          n_bins: int = N_BINS) -> Figure:
+    """One confidence histogram per condition (e.g. clean and each attack), side by side."""
+    use_style()
+    names = list(conditions)
+    fig, axes = plt.subplots(1, len(names), figsize=(2.6 * len(names), 2.6), squeeze=False,
+                             sharey=True)
+    for ax, name in zip(axes[0], names, strict=True):
+        confidence_histogram(ax, conditions[name], n_bins=n_bins,
+                             colour=ATTACK_COLOURS.get(name, PALETTE[0]),
+                             title=name.upper() if name != "clean" else "clean")
+        if ax is not axes[0][0]:
+            ax.set_ylabel("")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig

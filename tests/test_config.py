@@ -1,0 +1,77 @@
+"""Bad configuration fails fast, naming the key and the allowed values."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+
+from calib.config import ConfigError, check_params
+from calib.profiles import deep_merge, render_profile
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def params():
+    return render_profile("default", ROOT / "profiles")
+
+
+@pytest.mark.parametrize("path,value,pattern", [
+    (("data", "dataset"), "mnist", r"data\.dataset.*fashion_mnist"),
+    (("data", "val_fraction"), 0.0, r"data\.val_fraction.*\(0, 1\)"),
+    (("data", "val_fraction"), 1.5, r"data\.val_fraction"),
+    (("data", "attack_size"), 0, r"data\.attack_size must be >= 1"),
+    (("models", "resnet", "train", "epochs"), 0, r"models\.resnet\.train\.epochs must be >= 1"),
+    (("models", "vit", "train", "optimizer"), "adam",
+     r"models\.vit\.train\.optimizer.*'sgd', 'adamw'"),
+    (("models", "resnet", "train", "lr"), -1.0, r"models\.resnet\.train\.lr"),
+    (("models", "vit", "arch"), "densenet121", r"models\.vit\.arch.*unknown model arch"),
+    (("models", "resnet", "arch"), "resnet_does_not_exist", r"models\.resnet\.arch"),
+    (("device",), "tpu", r"device.*'auto'"),
+    (("seed",), -1, r"seed must be >= 0"),
+])
+def test_bad_values_name_the_key(params, path, value, pattern):
+    bad = copy.deepcopy(params)
+    node = bad
+    for k in path[:-1]:
+        node = node[k]
+    node[path[-1]] = value
+    with pytest.raises(ConfigError, match=pattern):
+        check_params(bad)
+
+
+def test_missing_keys_are_named(params):
+    bad = copy.deepcopy(params)
+    del bad["models"]["vit"]["train"]
+    with pytest.raises(ConfigError, match=r"models\.vit\.train"):
+        check_params(bad)
+    bad = copy.deepcopy(params)
+    del bad["data"]["attack_size"]
+    with pytest.raises(ConfigError, match=r"data\.attack_size"):
+        check_params(bad)
+
+
+def test_deep_merge_overlays_and_removes():
+    base = {"a": {"x": 1, "y": 2}, "b": 3}
+    assert deep_merge(base, {"a": {"y": 5}, "b": None}) == {"a": {"x": 1, "y": 5}}
+    assert base == {"a": {"x": 1, "y": 2}, "b": 3}
+
+
+def test_unknown_profile():
+    with pytest.raises(ConfigError, match="smoke"):
+        render_profile("huge", ROOT / "profiles")
+
+
+def test_cli_reports_bad_file(tmp_path, capsys, params):
+    import yaml
+
+    from calib.config import main
+
+    bad = copy.deepcopy(params)
+    bad["models"]["resnet"]["train"]["epochs"] = 0
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(bad))
+    assert main([str(path)]) == 2
+    assert "models.resnet.train.epochs" in capsys.readouterr().err

@@ -1,0 +1,647 @@
+"""Dataset registry, raw files and checksums, loaders and splits (calib.data).
+
+Every registered dataset is exercised on tiny fake raw files written here in its native on-disk
+format, with checksum overrides; nothing touches the network (downloads are replaced by local
+stand-ins). One test reads the real Fashion-MNIST files of the Debian package when installed.
+"""
+
+from __future__ import annotations
+
+import collections
+import gzip
+import hashlib
+import math
+import pickle
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from calib import data
+
+FakeWriter = Callable[[Path], dict]
+
+
+def _md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes(), usedforsecurity=False).hexdigest()
+
+
+def _rng(seed: int = 0) -> np.random.Generator:
+    return np.random.default_rng(seed)
+
+
+# --------------------------------------------------------------------------------------------
+# Fake raw files in each dataset's native format. Each writer fills root/<name>/ and returns
+# {"checksums": {...}, "train"/"test": (uint8 images (N, C, H, W) or colours, labels)}.
+# --------------------------------------------------------------------------------------------
+
+
+def _idx_bytes(array: np.ndarray) -> bytes:
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
+        int(d).to_bytes(4, "big") for d in array.shape)
+    return header + array.astype(np.uint8).tobytes()
+
+
+def _fashion_payloads(n_train: int = 20, n_test: int = 10) -> tuple[dict[str, bytes], dict]:
+    rng = _rng(1)
+    x_tr = rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8)
+    x_te = rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8)
+    y_tr = (np.arange(n_train) % 10).astype(np.uint8)
+    y_te = (np.arange(n_test)[::-1] % 10).astype(np.uint8)
+    payloads = {
+        "train-images-idx3-ubyte.gz": _idx_bytes(x_tr),
+        "train-labels-idx1-ubyte.gz": _idx_bytes(y_tr),
+        "t10k-images-idx3-ubyte.gz": _idx_bytes(x_te),
+        "t10k-labels-idx1-ubyte.gz": _idx_bytes(y_te),
+    }
+    expected = {"train": (x_tr[:, None], y_tr), "test": (x_te[:, None], y_te)}
+    return payloads, expected
+
+
+def _write_gz(folder: Path, payloads: dict[str, bytes], *, mtime: int = 0) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, payload in payloads.items():
+        (folder / name).write_bytes(gzip.compress(payload, mtime=mtime))
+
+
+def write_fashion_mnist(root: Path) -> dict:
+    payloads, expected = _fashion_payloads()
+    folder = root / "fashion_mnist"
+    _write_gz(folder, payloads)
+    return {"checksums": {f: _md5(folder / f) for f in payloads},
+            "payload_checksums": {f: hashlib.md5(p, usedforsecurity=False).hexdigest()
+                                  for f, p in payloads.items()},
+            **expected}
+
+
+def _pickle(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as fh:
+        pickle.dump(obj, fh, protocol=2)
+
+
+def _cifar_images(rng: np.random.Generator, n: int) -> np.ndarray:
+    return rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)
+
+
+def write_cifar10(root: Path) -> dict:
+    rng = _rng(2)
+    base = root / "cifar10" / "cifar-10-batches-py"
+    xs, ys = [], []
+    for i in range(1, 6):
+        x, y = _cifar_images(rng, 2), [(2 * i) % 10, (2 * i + 1) % 10]
+        _pickle(base / f"data_batch_{i}", {"batch_label": f"batch {i}", "labels": y,
+                                           "data": x.reshape(2, -1), "filenames": ["a", "b"]})
+        xs.append(x)
+        ys += y
+    x_te, y_te = _cifar_images(rng, 3), [9, 0, 4]
+    _pickle(base / "test_batch", {"batch_label": "test", "labels": y_te,
+                                  "data": x_te.reshape(3, -1), "filenames": ["c"] * 3})
+    _pickle(base / "batches.meta", {"label_names": list(data.CIFAR10_CLASSES),
+                                    "num_cases_per_batch": 2, "num_vis": 3072})
+    checksums = {rel: _md5(root / "cifar10" / rel) for rel in data.CHECKSUMS["cifar10"]}
+    return {"checksums": checksums, "train": (np.concatenate(xs), np.array(ys)),
+            "test": (x_te, np.array(y_te))}
+
+
+def write_cifar100(root: Path) -> dict:
+    rng = _rng(3)
+    base = root / "cifar100" / "cifar-100-python"
+    out: dict = {}
+    for split, n in (("train", 6), ("test", 4)):
+        x = _cifar_images(rng, n)
+        y = [int(v) for v in rng.integers(0, 100, n)]
+        _pickle(base / split, {"filenames": ["f"] * n, "batch_label": split, "fine_labels": y,
+                               "coarse_labels": [v // 5 for v in y], "data": x.reshape(n, -1)})
+        out[split] = (x, np.array(y))
+    _pickle(base / "meta", {"fine_label_names": list(data.CIFAR100_CLASSES),
+                            "coarse_label_names": [f"super{i}" for i in range(20)]})
+    out["checksums"] = {rel: _md5(root / "cifar100" / rel) for rel in data.CHECKSUMS["cifar100"]}
+    return out
+
+
+def write_svhn(root: Path) -> dict:
+    import scipy.io
+
+    rng = _rng(4)
+    folder = root / "svhn"
+    folder.mkdir(parents=True)
+    out: dict = {}
+    for split, n in (("train", 7), ("test", 5)):
+        x = rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)
+        digits = np.arange(n) % 10
+        y = np.where(digits == 0, 10, digits).astype(np.uint8)[:, None]  # 10 means digit 0
+        scipy.io.savemat(folder / f"{split}_32x32.mat",
+                         {"X": np.transpose(x, (2, 3, 1, 0)), "y": y})
+        out[split] = (x, digits)
+    out["checksums"] = {f: _md5(folder / f) for f in data.CHECKSUMS["svhn"]}
+    return out
+
+
+def _solid(path: Path, size: tuple[int, int], colour: tuple[int, ...], mode: str = "RGB"
+           ) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, colour[0] if mode == "L" else colour).save(path)
+
+
+def write_gtsrb(root: Path) -> dict:
+    folder = root / "gtsrb"
+    train_colours, train_labels = [], []
+    for cls, sizes in ((0, [(30, 31), (45, 40)]), (2, [(25, 25)]), (42, [(60, 52), (33, 29)])):
+        class_dir = folder / "GTSRB" / "Training" / f"{cls:05d}"
+        rows = ["Filename;Width;Height;Roi.X1;Roi.Y1;Roi.X2;Roi.Y2;ClassId"]
+        for i, size in enumerate(sizes):
+            colour = (10 * cls % 256, 50 + i, 200)
+            _solid(class_dir / f"00000_{i:05d}.ppm", size, colour)
+            rows.append(f"00000_{i:05d}.ppm;{size[0]};{size[1]};1;1;5;5;{cls}")
+            train_colours.append(colour)
+            train_labels.append(cls)
+        (class_dir / f"GT-{cls:05d}.csv").write_text("\n".join(rows) + "\n")
+    test_colours, test_labels = [], []
+    rows = ["Filename;Width;Height;Roi.X1;Roi.Y1;Roi.X2;Roi.Y2;ClassId"]
+    for i, cls in enumerate([14, 0, 42]):
+        colour = (i * 40, 255 - i, 7)
+        _solid(folder / "GTSRB" / "Final_Test" / "Images" / f"{i:05d}.ppm", (40 + i, 35), colour)
+        rows.append(f"{i:05d}.ppm;{40 + i};35;1;1;5;5;{cls}")
+        test_colours.append(colour)
+        test_labels.append(cls)
+    (folder / "GT-final_test.csv").write_text("\n".join(rows) + "\n")
+    return {"checksums": {"GT-final_test.csv": _md5(folder / "GT-final_test.csv")},
+            "train": (train_colours, np.array(train_labels)),
+            "test": (test_colours, np.array(test_labels))}
+
+
+_CALTECH_FAKE = ("Faces", "accordion", "yin_yang")
+
+
+def write_caltech101(root: Path) -> dict:
+    cats = root / "caltech101" / "101_ObjectCategories"
+    colours: dict[str, tuple[int, int, int]] = {}
+    for c, name in enumerate(_CALTECH_FAKE):
+        for i in range(1, 11):
+            colour = (20 * c + i, 100 + c, 90 + i)
+            path = cats / name / f"image_{i:04d}.jpg"
+            if name == "accordion" and i == 3:  # Caltech-101 holds some grayscale images
+                colour = (77, 77, 77)
+                _solid(path, (50, 37), colour, mode="L")
+            else:
+                _solid(path, (41 + i, 30 + c), colour)
+            colours[str(path)] = colour
+    _solid(cats / "BACKGROUND_Google" / "image_0001.jpg", (20, 20), (0, 0, 0))
+    rel = "101_ObjectCategories/accordion/image_0001.jpg"
+    return {"checksums": {rel: _md5(root / "caltech101" / rel)}, "colours": colours}
+
+
+WRITERS: dict[str, FakeWriter] = {
+    "fashion_mnist": write_fashion_mnist,
+    "cifar10": write_cifar10,
+    "cifar100": write_cifar100,
+    "svhn": write_svhn,
+    "gtsrb": write_gtsrb,
+    "caltech101": write_caltech101,
+}
+
+
+def _fetch_fake(name: str, root: Path) -> dict:
+    fake = WRITERS[name](root)
+    data.fetch(name, root, download=False, system_dirs=(), checksums=fake["checksums"],
+               payload_checksums=fake.get("payload_checksums"))
+    return fake
+
+
+# --------------------------------------------------------------------------------------------
+# Registry
+# --------------------------------------------------------------------------------------------
+
+
+def test_every_registered_dataset_has_a_fake_writer():
+    assert set(WRITERS) == set(data.DATASETS)
+    assert "fashion_mnist" in data.DATASETS
+
+
+@pytest.mark.parametrize("name", sorted(data.DATASETS))
+def test_registry_entries_are_consistent(name):
+    info = data.get_info(name)
+    assert info.name == name
+    assert len(info.class_names) == info.num_classes == len(set(info.class_names))
+    assert len(info.mean) == len(info.std) == info.in_chans
+    assert set(info.checksums) <= set(info.raw_files)
+    assert info.sources and all(s.md5 for s in info.sources)
+    provided = {p for s in info.sources for p in s.provides}
+    assert set(info.raw_files) <= provided
+    assert (info.native_size is None) == (not info.in_memory)
+
+
+def test_get_info_unknown_name_lists_allowed():
+    with pytest.raises(ValueError, match=r"unknown dataset 'mnist'.*fashion_mnist"):
+        data.get_info("mnist")
+
+
+def test_stats_repeat_grayscale_statistics():
+    info = data.get_info("fashion_mnist")
+    mean, std = info.stats(3)
+    assert mean == info.mean * 3 and std == info.std * 3
+    assert info.stats() == (info.mean, info.std)
+    with pytest.raises(ValueError, match="in_chans"):
+        data.get_info("cifar10").stats(1)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading every dataset from its native format
+# --------------------------------------------------------------------------------------------
+
+
+def _check_images(images: torch.Tensor, n: int, shape: tuple[int, int, int]) -> None:
+    assert images.shape == (n, *shape)
+    assert images.dtype == torch.float32
+    assert float(images.min()) >= 0.0 and float(images.max()) <= 1.0
+
+
+@pytest.mark.parametrize("name", ["fashion_mnist", "cifar10", "cifar100", "svhn"])
+def test_in_memory_datasets_load_native_files(tmp_path, name):
+    fake = _fetch_fake(name, tmp_path)
+    info = data.get_info(name)
+    for split in data.SPLITS:
+        ds = data.load_split(name, tmp_path, split)
+        raw, labels = fake[split]
+        assert len(ds) == len(labels)
+        assert ds.labels.dtype == torch.int64
+        assert torch.equal(ds.labels, torch.as_tensor(labels, dtype=torch.int64))
+        images, lab = ds.tensors(batch_size=3)
+        _check_images(images, len(labels), (info.in_chans, info.native_size, info.native_size))
+        assert torch.equal(images, torch.from_numpy(raw).float() / 255.0)
+        assert torch.equal(lab, ds.labels)
+        x0, y0 = ds[0]
+        assert x0.shape == images.shape[1:] and torch.equal(x0, images[0])
+        assert y0.dtype == torch.int64 and int(y0) == int(labels[0])
+        assert list(ds.class_names) == list(info.class_names)
+
+
+def test_gtsrb_reads_training_folders_and_test_csv(tmp_path):
+    fake = _fetch_fake("gtsrb", tmp_path)
+    for split in data.SPLITS:
+        ds = data.load_split("gtsrb", tmp_path, split, img_size=16)
+        colours, labels = fake[split]
+        assert torch.equal(ds.labels, torch.as_tensor(labels, dtype=torch.int64))
+        images, _ = ds.tensors()
+        _check_images(images, len(labels), (3, 16, 16))
+        # Solid PPM (lossless) images stay their colour through the resize.
+        want = torch.tensor(colours, dtype=torch.float32)[:, :, None, None] / 255.0
+        assert torch.allclose(images, want.expand_as(images), atol=1e-6)
+
+
+def test_caltech101_split_is_stratified_80_10_10_and_converts_grayscale(tmp_path):
+    fake = _fetch_fake("caltech101", tmp_path)
+    train = data.load_split("caltech101", tmp_path, "train", img_size=12)
+    test = data.load_split("caltech101", tmp_path, "test", img_size=12)
+    expected_labels = [data.CALTECH101_CLASSES.index(c) for c in _CALTECH_FAKE]
+    # 10 images per class: 8 train + 1 val in the "train" pool, 1 in "test"; background skipped.
+    assert data.class_counts(train.labels, 101)[expected_labels].tolist() == [9, 9, 9]
+    assert data.class_counts(test.labels, 101)[expected_labels].tolist() == [1, 1, 1]
+    assert len(train) + len(test) == 30
+    assert set(train.paths).isdisjoint(test.paths)
+    # The split is fixed by the seed: a second load gives the same images.
+    assert data.load_split("caltech101", tmp_path, "test", img_size=12).paths == test.paths
+    n_gray = 0
+    for ds in (train, test):
+        images, _ = ds.tensors()
+        _check_images(images, len(ds), (3, 12, 12))
+        want = torch.tensor([fake["colours"][p] for p in ds.paths], dtype=torch.float32) / 255
+        # JPEG is lossy: a solid colour comes back within a few levels.
+        assert torch.allclose(images.mean((2, 3)), want, atol=4 / 255)
+        grays = [i for i, p in enumerate(ds.paths) if p.endswith("accordion/image_0003.jpg")]
+        for i in grays:
+            x, _ = ds[i]
+            assert x.shape == (3, 12, 12) and torch.equal(x[0], x[1]) and torch.equal(x[1], x[2])
+        n_gray += len(grays)
+    assert n_gray == 1
+
+
+@pytest.mark.parametrize("name", ["gtsrb", "caltech101"])
+def test_file_datasets_need_img_size(tmp_path, name):
+    _fetch_fake(name, tmp_path)
+    with pytest.raises(ValueError, match="img_size"):
+        data.load_split(name, tmp_path, "train")
+
+
+def test_resize_and_channel_repeat(tmp_path):
+    fake = _fetch_fake("fashion_mnist", tmp_path)
+    ds = data.load_split("fashion_mnist", tmp_path, "test", img_size=32, in_chans=3)
+    images, _ = ds.tensors()
+    _check_images(images, len(ds), (3, 32, 32))
+    assert torch.equal(images[:, 0], images[:, 1]) and torch.equal(images[:, 1], images[:, 2])
+    raw = torch.from_numpy(fake["test"][0]).float() / 255.0
+    want = torch.nn.functional.interpolate(raw, size=(32, 32), mode="bilinear",
+                                           align_corners=False, antialias=True)
+    assert torch.allclose(images[:, :1], want, atol=1e-6)
+    with pytest.raises(ValueError, match="in_chans"):
+        data.load_split("fashion_mnist", tmp_path, "test", in_chans=2)
+    with pytest.raises(ValueError, match="img_size"):
+        data.load_split("fashion_mnist", tmp_path, "test", img_size=0)
+    with pytest.raises(ValueError, match="split"):
+        data.load_split("fashion_mnist", tmp_path, "val")
+
+
+def test_subset_tensors_and_dataloader_agree(tmp_path):
+    _fetch_fake("fashion_mnist", tmp_path)
+    ds = data.load_split("fashion_mnist", tmp_path, "train")
+    assert ds.paths is None  # held in memory
+    sub = ds.subset(torch.tensor([3, 1, 4, 15, 9, 2]))
+    subsub = sub.subset([5, 0, -1])
+    assert torch.equal(subsub.labels, ds.labels[torch.tensor([2, 3, 2])])
+    x_all, y_all = ds.tensors()
+    x_sub, y_sub = subsub.tensors()
+    assert torch.equal(x_sub, x_all[[2, 3, 2]]) and torch.equal(y_sub, y_all[[2, 3, 2]])
+    x_idx, _ = sub.tensors([1, 2])
+    assert torch.equal(x_idx, x_all[[1, 4]])
+    batches = list(DataLoader(sub, batch_size=4, shuffle=False))
+    assert torch.equal(torch.cat([b[0] for b in batches]), sub.tensors()[0])
+    assert torch.equal(torch.cat([b[1] for b in batches]), sub.labels)
+    assert batches[0][1].dtype == torch.int64
+    with pytest.raises(ValueError, match="out of range"):
+        sub.subset([6])
+    with pytest.raises(ValueError, match="batch_size"):
+        sub.tensors(batch_size=0)
+
+
+def test_labeled_images_wraps_user_tensors():
+    images = torch.rand(5, 3, 8, 8)
+    ds = data.LabeledImages(torch.arange(5) % 2, images=images, class_names=["a", "b"])
+    x, y = ds.tensors()
+    assert torch.equal(x, images) and y.tolist() == [0, 1, 0, 1, 0]
+    with pytest.raises(ValueError, match="exactly one"):
+        data.LabeledImages([0], images=None)
+    with pytest.raises(ValueError, match="labels"):
+        data.LabeledImages([0, 1], images=images)
+    with pytest.raises(ValueError, match="in_chans"):
+        data.LabeledImages(torch.zeros(5), images=images, in_chans=1)
+
+
+# --------------------------------------------------------------------------------------------
+# Raw files: checksums, fallbacks, errors
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(data.DATASETS))
+def test_checksum_mismatch_names_the_file(tmp_path, name):
+    fake = WRITERS[name](tmp_path)
+    rel, expected = next(iter(fake["checksums"].items()))
+    path = tmp_path / name / rel
+    path.write_bytes(path.read_bytes() + b"\0")
+    with pytest.raises(data.DataIntegrityError) as err:
+        data.fetch(name, tmp_path, download=False, system_dirs=(), checksums=fake["checksums"])
+    msg = str(err.value)
+    assert str(path) in msg and expected in msg and _md5(path) in msg
+    assert "fetch" in msg  # says what to do
+
+
+@pytest.mark.parametrize("name", sorted(data.DATASETS))
+def test_missing_files_without_download_say_what_to_do(tmp_path, name):
+    with pytest.raises(data.DataUnavailableError) as err:
+        data.fetch(name, tmp_path, download=False, system_dirs=())
+    msg = str(err.value)
+    info = data.get_info(name)
+    assert str(tmp_path / name) in msg and "download" in msg
+    assert all(rel in msg for rel in info.raw_files)
+    assert info.sources[0].urls[0] in msg
+    if name == "fashion_mnist":
+        assert "sudo apt-get install dataset-fashion-mnist" in msg
+    with pytest.raises(data.DataUnavailableError, match="fetch"):
+        data.load_split(name, tmp_path, "test", img_size=8)
+
+
+def test_debian_fallback_copies_and_accepts_regzipped_files(tmp_path):
+    payloads, _ = _fashion_payloads()
+    system = tmp_path / "usr-share"
+    _write_gz(system, payloads, mtime=1_591_000_000)  # re-compressed: a different .gz header
+    published = tmp_path / "published"
+    _write_gz(published, payloads, mtime=0)
+    checksums = {f: _md5(published / f) for f in payloads}
+    payload_md5 = {f: hashlib.md5(p, usedforsecurity=False).hexdigest()
+                   for f, p in payloads.items()}
+    assert all(_md5(system / f) != checksums[f] for f in payloads)
+    root = tmp_path / "raw"
+    folder = data.fetch("fashion_mnist", root, download=False, system_dirs=[system],
+                        checksums=checksums, payload_checksums=payload_md5)
+    assert folder == root / "fashion_mnist"
+    assert all((folder / f).read_bytes() == (system / f).read_bytes() for f in payloads)
+    assert len(data.load_split("fashion_mnist", root, "train")) == 20
+    # Without the payload checksums the re-compressed files are rejected.
+    with pytest.raises(data.DataIntegrityError, match="checksum mismatch"):
+        data.verify("fashion_mnist", root, checksums=checksums, payload_checksums={})
+
+
+def test_corrupt_payload_is_rejected_even_for_gzip(tmp_path):
+    fake = write_fashion_mnist(tmp_path)
+    rel = "t10k-labels-idx1-ubyte.gz"
+    payload = gzip.decompress((tmp_path / "fashion_mnist" / rel).read_bytes())
+    (tmp_path / "fashion_mnist" / rel).write_bytes(gzip.compress(payload[:-1] + b"\x07"))
+    with pytest.raises(data.DataIntegrityError) as err:
+        data.verify("fashion_mnist", tmp_path, checksums=fake["checksums"],
+                    payload_checksums=fake["payload_checksums"])
+    assert rel in str(err.value) and fake["payload_checksums"][rel] in str(err.value)
+
+
+def test_fetch_is_idempotent(tmp_path):
+    fake = write_fashion_mnist(tmp_path)
+    kwargs = {"download": False, "system_dirs": (), "checksums": fake["checksums"]}
+    first = data.fetch("fashion_mnist", tmp_path, **kwargs)
+    stamps = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in first.iterdir()}
+    second = data.fetch("fashion_mnist", tmp_path, **kwargs)
+    assert first == second
+    assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in second.iterdir()} == stamps
+
+
+def test_download_fills_missing_files_through_the_downloader(tmp_path, monkeypatch):
+    payloads, _ = _fashion_payloads()
+    mirror = tmp_path / "mirror"
+    _write_gz(mirror, payloads)
+    calls = []
+
+    def fake_download(url: str, folder: Path, filename: str, md5: str | None) -> None:
+        calls.append(url)
+        shutil.copyfile(mirror / filename, Path(folder) / filename)
+
+    monkeypatch.setattr(data, "_download_file", fake_download)
+    root = tmp_path / "raw"
+    (root / "fashion_mnist").mkdir(parents=True)
+    shutil.copyfile(mirror / "t10k-labels-idx1-ubyte.gz",
+                    root / "fashion_mnist" / "t10k-labels-idx1-ubyte.gz")
+    checksums = {f: _md5(mirror / f) for f in payloads}
+    data.fetch("fashion_mnist", root, download=True, system_dirs=(), checksums=checksums)
+    assert sorted(Path(u).name for u in calls) == sorted(set(payloads) - {
+        "t10k-labels-idx1-ubyte.gz"})
+    assert all(u.startswith(data.FASHION_MNIST_MIRRORS[0]) for u in calls)
+
+
+def test_archive_download_unpacks_into_the_dataset_folder(tmp_path, monkeypatch):
+    made: dict = {}
+
+    def fake_archive(url: str, folder: Path, filename: str, md5: str | None) -> None:
+        assert filename == "cifar-10-python.tar.gz" and md5 == data.SOURCES["cifar10"][0].md5
+        made.update(write_cifar10(Path(folder).parent))
+
+    monkeypatch.setattr(data, "_download_archive", fake_archive)
+    with pytest.raises(data.DataIntegrityError):  # the fake files fail the published checksums
+        data.fetch("cifar10", tmp_path, download=True)
+    assert data.verify("cifar10", tmp_path, checksums=made["checksums"]) == tmp_path / "cifar10"
+
+
+def test_failed_download_raises_unavailable_with_instructions(tmp_path, monkeypatch):
+    def offline(*_args: object) -> None:
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(data, "_download_file", offline)
+    with pytest.raises(data.DataUnavailableError, match=r"could not download.*unreachable") as e:
+        data.fetch("svhn", tmp_path, download=True)
+    assert "train_32x32.mat" in str(e.value)
+
+
+def test_malformed_idx_and_hostile_pickle_are_rejected(tmp_path):
+    fake = write_fashion_mnist(tmp_path)
+    path = tmp_path / "fashion_mnist" / "t10k-images-idx3-ubyte.gz"
+    path.write_bytes(gzip.compress(b"\x00\x00\x0d\x03" + b"\x00" * 20))
+    with pytest.raises(data.DataIntegrityError, match="magic"):
+        data.load_split("fashion_mnist", tmp_path, "test")
+    assert fake["checksums"]
+    write_cifar10(tmp_path)
+    _pickle(tmp_path / "cifar10" / "cifar-10-batches-py" / "test_batch",
+            {"data": collections.OrderedDict(), "labels": []})
+    with pytest.raises(data.DataIntegrityError, match="refusing to unpickle"):
+        data.load_split("cifar10", tmp_path, "test")
+
+
+def test_out_of_range_labels_are_rejected(tmp_path):
+    write_fashion_mnist(tmp_path)
+    path = tmp_path / "fashion_mnist" / "t10k-labels-idx1-ubyte.gz"
+    path.write_bytes(gzip.compress(_idx_bytes(np.full(10, 10, dtype=np.uint8))))
+    with pytest.raises(data.DataIntegrityError, match="labels"):
+        data.load_split("fashion_mnist", tmp_path, "test")
+
+
+@pytest.mark.skipif(not data.DEBIAN_FASHION_MNIST_DIR.is_dir(),
+                    reason="Debian package dataset-fashion-mnist is not installed")
+def test_real_debian_fashion_mnist_verifies_and_loads(tmp_path):
+    folder = data.fetch("fashion_mnist", tmp_path, download=False)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(data.FASHION_MNIST_FILES)
+    train = data.load_split("fashion_mnist", tmp_path, "train")
+    test = data.load_split("fashion_mnist", tmp_path, "test")
+    assert len(train) == 60000 and len(test) == 10000
+    assert data.class_counts(train.labels, 10).tolist() == [6000] * 10
+    assert data.class_counts(test.labels, 10).tolist() == [1000] * 10
+    x, y = test.tensors(torch.arange(8))
+    _check_images(x, 8, (1, 28, 28))
+    assert y.tolist() == [9, 2, 1, 1, 6, 1, 4, 6]  # the published first test labels
+
+
+# --------------------------------------------------------------------------------------------
+# Splits
+# --------------------------------------------------------------------------------------------
+
+
+def _class_labels(sizes: list[int]) -> torch.Tensor:
+    return torch.cat([torch.full((n,), c, dtype=torch.int64) for c, n in enumerate(sizes)])
+
+
+def test_make_splits_is_seeded_stratified_disjoint_and_complete():
+    labels = _class_labels([50, 30, 20, 7])[torch.randperm(107, generator=torch.Generator()
+                                                          .manual_seed(5))]
+    splits = data.make_splits(labels, 40, val_fraction=0.2, attack_size=25, seed=3)
+    assert list(splits) == ["train", "val", "test", "attack"]
+    assert all(v.dtype == torch.int64 for v in splits.values())
+    assert torch.equal(torch.sort(torch.cat([splits["train"], splits["val"]])).values,
+                       torch.arange(107))
+    assert data.class_counts(labels[splits["val"]], 4).tolist() == [10, 6, 4, 1]
+    assert torch.equal(splits["test"], torch.arange(40))
+    assert torch.equal(splits["attack"], torch.arange(25))
+    again = data.make_splits(labels, 40, val_fraction=0.2, attack_size=25, seed=3)
+    assert all(torch.equal(splits[k], again[k]) for k in splits)
+    other = data.make_splits(labels, 40, val_fraction=0.2, attack_size=25, seed=4)
+    assert not torch.equal(splits["val"], other["val"])
+    small = data.make_splits(labels, 10, val_fraction=0.2, attack_size=500, seed=3)
+    assert torch.equal(small["attack"], torch.arange(10))
+
+
+@settings(max_examples=25, deadline=None)
+@given(sizes=st.lists(st.integers(1, 40), min_size=1, max_size=6),
+       val_fraction=st.floats(0.05, 0.95), seed=st.integers(0, 2**31 - 1))
+def test_make_splits_properties(sizes, val_fraction, seed):
+    labels = _class_labels(sizes)
+    n_train = [math.floor((1 - val_fraction) * n + 0.5) for n in sizes]
+    if sum(n_train) == 0:
+        with pytest.raises(ValueError, match="val_fraction"):
+            data.make_splits(labels, 3, val_fraction=val_fraction, attack_size=1, seed=seed)
+        return
+    splits = data.make_splits(labels, 3, val_fraction=val_fraction, attack_size=1, seed=seed)
+    train, val = splits["train"], splits["val"]
+    assert set(train.tolist()).isdisjoint(val.tolist())
+    assert sorted(train.tolist() + val.tolist()) == list(range(len(labels)))
+    k = len(sizes)
+    assert data.class_counts(labels[train], k).tolist() == n_train
+    assert data.class_counts(labels[val], k).tolist() == [n - t for n, t in zip(sizes, n_train,
+                                                                                 strict=True)]
+
+
+@pytest.mark.parametrize("bad", [0, 1, -0.1, 1.5, 0.0, 1.0, True, "0.1"])
+def test_bad_val_fraction_names_the_key(bad):
+    with pytest.raises(ValueError, match="val_fraction"):
+        data.make_splits(torch.arange(10) % 2, 5, val_fraction=bad, attack_size=2, seed=0)
+
+
+def test_bad_attack_size_names_the_key():
+    with pytest.raises(ValueError, match="attack_size"):
+        data.make_splits(torch.arange(10) % 2, 5, val_fraction=0.2, attack_size=0, seed=0)
+
+
+def test_stratified_partition_80_10_10():
+    sizes = [31, 40, 55, 200]
+    labels = _class_labels(sizes)
+    parts = data.stratified_partition(labels, data.CALTECH101_FRACTIONS, seed=42)
+    counts = [data.class_counts(labels[p], 4).tolist() for p in parts]
+    assert counts[2] == [n - math.floor(0.9 * n + 0.5) for n in sizes]
+    assert [a + b + c for a, b, c in zip(*counts, strict=True)] == sizes
+    assert sorted(torch.cat(parts).tolist()) == list(range(len(labels)))
+    with pytest.raises(ValueError, match="fractions"):
+        data.stratified_partition(labels, (0.5, 0.4), seed=0)
+
+
+def test_subsample_is_seeded_subset():
+    idx = torch.arange(100, 200)
+    a = data.subsample(idx, 10, seed=1)
+    assert torch.equal(a, data.subsample(idx, 10, seed=1))
+    assert a.numel() == 10 and set(a.tolist()) <= set(idx.tolist())
+    assert torch.equal(a, torch.sort(a).values)
+    assert torch.equal(data.subsample(idx, 1000, seed=1), idx)
+    with pytest.raises(ValueError, match="n must"):
+        data.subsample(idx, 0, seed=1)
+
+
+def test_save_and_load_splits_roundtrip(tmp_path):
+    splits = data.make_splits(torch.arange(30) % 3, 12, val_fraction=0.3, attack_size=5, seed=0)
+    path = tmp_path / "prepared" / "splits.safetensors"
+    data.save_splits(path, splits, {"dataset": "fashion_mnist", "seed": 0})
+    loaded = data.load_splits(path)
+    assert list(loaded)[:4] == list(data.SPLIT_NAMES)
+    assert all(torch.equal(loaded[k], splits[k]) for k in splits)
+    assert data.read_splits_metadata(path) == {"dataset": "fashion_mnist", "seed": "0"}
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]  # no temp files
+    data.save_splits(path, {"train": splits["train"]})
+    with pytest.raises(ValueError, match="missing splits"):
+        data.load_splits(path)
+    with pytest.raises(ValueError, match="1-D integer"):
+        data.save_splits(path, {"train": torch.rand(3)})
+
+
+def test_class_counts():
+    assert data.class_counts(torch.tensor([0, 2, 2, 4]), 6).tolist() == [1, 0, 2, 0, 1, 0]
+    with pytest.raises(ValueError, match="labels"):
+        data.class_counts(torch.tensor([0, 6]), 6)
+    with pytest.raises(ValueError, match="num_classes"):
+        data.class_counts(torch.tensor([0]), 0)

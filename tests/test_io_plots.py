@@ -1,0 +1,55 @@
+"""Atomic writes and deterministic figures."""
+
+from __future__ import annotations
+
+import hashlib
+
+import matplotlib.pyplot as plt
+import pytest
+import torch
+
+from calib import io, plots
+
+
+def test_atomic_path_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "out.json"
+    with pytest.raises(RuntimeError), io.atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("killed")
+    assert not target.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_write_json_roundtrip_and_rounding(tmp_path):
+    io.write_json(tmp_path / "a.json", {"b": torch.tensor([1.23456789]), "a": 1.0000004})
+    assert io.read_json(tmp_path / "a.json") == {"a": 1.0, "b": [1.234568]}
+
+
+def test_tensor_roundtrip(tmp_path):
+    t = {"x": torch.arange(6).view(2, 3)}
+    io.save_tensors(tmp_path / "t.safetensors", t, {"k": "v"})
+    assert torch.equal(io.load_tensors(tmp_path / "t.safetensors")["x"], t["x"])
+    with pytest.raises(FileNotFoundError, match="stage"):
+        io.load_tensors(tmp_path / "missing.safetensors")
+
+
+def _figure():
+    gen = torch.Generator().manual_seed(0)
+    conf = torch.rand(200, generator=gen)
+    return plots.calibration_panel(conf, torch.rand(200, generator=gen) < conf, title="t")
+
+
+@pytest.mark.parametrize("ext", ["png", "pdf", "svg"])
+def test_figures_are_byte_identical(tmp_path, ext):
+    digests = []
+    for i in range(2):
+        path = tmp_path / f"f{i}.{ext}"
+        plots.save_figure(_figure(), path)
+        digests.append(hashlib.sha256(path.read_bytes()).hexdigest())
+    assert digests[0] == digests[1]
+    assert plt.get_fignums() == []
+
+
+def test_unsupported_format(tmp_path):
+    with pytest.raises(ValueError, match="png"):
+        plots.save_figure(_figure(), tmp_path / "f.jpg")

@@ -1,0 +1,114 @@
+"""calib.models and calib.train on tiny inputs: shapes, normalisation inside the model,
+checkpoints without pickles, seeded determinism, augmentation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from calib import models, train
+
+
+def _tiny_resnet():
+    return models.create_model("resnet10t", num_classes=3, in_chans=1, img_size=16,
+                               mean=(0.5,), std=(0.25,))
+
+
+def test_create_model_families_and_shapes():
+    m = _tiny_resnet()
+    x = torch.rand(2, 1, 16, 16)
+    assert m(x).shape == (2, 3)
+    assert m.features(x).ndim == 2
+    v = models.create_model("vit_fmnist_d4", num_classes=10, in_chans=1, img_size=28,
+                            mean=(0.3,), std=(0.3,))
+    assert v(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+    assert models.family_of("vit_base_patch16_224.augreg_in21k") == "vit"
+    assert models.family_of("resnet50") == "resnet"
+
+
+def test_normalisation_lives_inside_the_model():
+    m = _tiny_resnet().eval()
+    x = torch.rand(2, 1, 16, 16)
+    with torch.no_grad():
+        direct = m.net((x - 0.5) / 0.25)
+        assert torch.allclose(m(x), direct)
+
+
+@pytest.mark.parametrize("arch", ["densenet121", "vgg16"])
+def test_unknown_arch_names_allowed(arch):
+    with pytest.raises(ValueError, match="allowed"):
+        models.create_model(arch, num_classes=3, in_chans=1, img_size=16, mean=(0.5,),
+                            std=(0.2,))
+
+
+def test_save_and_load_trained_roundtrip(tmp_path):
+    m = _tiny_resnet()
+    spec = {"arch": "resnet10t", "num_classes": 3, "in_chans": 1, "img_size": 16,
+            "mean": [0.5], "std": [0.25]}
+    models.save_trained(tmp_path / "m", m, spec)
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["model.json",
+                                                                  "model.safetensors"]
+    loaded = models.load_trained(tmp_path / "m")
+    x = torch.rand(3, 1, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(m.eval()(x), loaded(x))
+    with pytest.raises(FileNotFoundError, match="training stage"):
+        models.load_trained(tmp_path / "nothing")
+
+
+def _toy_data(n=96, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 3, (n,), generator=gen)
+    x = torch.rand(n, 1, 16, 16, generator=gen) * 0.3
+    for c in range(3):  # a bright stripe whose row depends on the class
+        x[y == c, :, 4 * c + 2: 4 * c + 4, :] += 0.7
+    return TensorDataset(x.clamp(0, 1), y)
+
+
+def _fit(seed):
+    train.seed_everything(seed)
+    m = _tiny_resnet()
+    res = train.fit(m, _toy_data(), _toy_data(48, 1), epochs=2, batch_size=32, lr=0.05,
+                    seed=seed, show_progress=False)
+    return m, res
+
+
+def test_fit_learns_and_is_deterministic():
+    m1, r1 = _fit(0)
+    m2, r2 = _fit(0)
+    assert r1.history == r2.history
+    for (k, a), (_, b) in zip(m1.state_dict().items(), m2.state_dict().items(), strict=True):
+        assert torch.equal(a, b), k
+    assert r1.best_epoch in (1, 2)
+    assert len(r1.history) == 2 and {"train_loss", "val_accuracy", "lr"} <= set(r1.history[0])
+
+
+def test_fit_rejects_bad_arguments():
+    m = _tiny_resnet()
+    with pytest.raises(ValueError, match="epochs"):
+        train.fit(m, _toy_data(), _toy_data(), epochs=0, show_progress=False)
+    with pytest.raises(ValueError, match="optimizer"):
+        train.fit(m, _toy_data(), _toy_data(), epochs=1, optimizer="adam", show_progress=False)
+
+
+def test_predict_logits_restores_mode_and_matches_forward():
+    m = _tiny_resnet().train()
+    x = torch.rand(10, 1, 16, 16)
+    logits = train.predict_logits(m, x, batch_size=4)
+    assert m.training
+    with torch.no_grad():
+        assert torch.allclose(logits, m.eval()(x), atol=1e-6)
+
+
+def test_augment_batch_crops_and_flips_per_sample():
+    x = torch.arange(2 * 1 * 4 * 4, dtype=torch.float32).view(2, 1, 4, 4)
+    gen = torch.Generator().manual_seed(0)
+    out = train.augment_batch(x, pad=0, flip=True, generator=gen)
+    for i in range(2):
+        assert torch.equal(out[i], x[i]) or torch.equal(out[i], x[i].flip(-1))
+    out = train.augment_batch(x, pad=1, flip=False, generator=torch.Generator().manual_seed(1))
+    assert out.shape == x.shape
+    # Every output pixel is either padding (0) or a pixel of the same image.
+    for i in range(2):
+        assert set(out[i].unique().tolist()) <= set(x[i].unique().tolist()) | {0.0}
