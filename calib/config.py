@@ -108,10 +108,32 @@ def _check_train(spec: Mapping[str, Any], prefix: str) -> None:
     require_bool(_get(spec, "augment_flip", prefix), f"{prefix}.augment_flip")
 
 
+def _check_attack(attack: Mapping[str, Any]) -> None:
+    from calib.attacks import KINDS
+
+    allowed_settings = ("square-linf", "square-l2", "pgd-linf")
+    for key, allowed in (("settings", allowed_settings), ("kinds", KINDS)):
+        value = _get(attack, key, "attack")
+        items = [v.strip() for v in str(value).split(",") if v.strip()]
+        if not items:
+            raise ConfigError(f"attack.{key} is empty; choose from {list(allowed)}")
+        for item in items:
+            require_choice(item, allowed, f"attack.{key} item")
+    require_number(_get(attack, "eps_linf", "attack"), "attack.eps_linf", low=0, high=1,
+                   low_open=True)
+    require_number(_get(attack, "eps_l2", "attack"), "attack.eps_l2", low=0, low_open=True)
+    require_int(_get(attack, "square_iterations", "attack"), "attack.square_iterations",
+                minimum=1)
+    require_int(_get(attack, "pgd_iterations", "attack"), "attack.pgd_iterations", minimum=1)
+    require_number(_get(attack, "pgd_alpha", "attack"), "attack.pgd_alpha", low=0,
+                   low_open=True)
+
+
 #: section name -> checker(params) ; each reads what it needs from the whole mapping.
 SECTION_CHECKS: dict[str, Callable[[Mapping[str, Any]], None]] = {
     "data": lambda p: _check_data(p["data"]),
     "models": lambda p: _check_models(p["models"]),
+    "attack": lambda p: _check_attack(p["attack"]),
 }
 
 

@@ -15,6 +15,7 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt
 import numpy as np
+import pandas as pd
 import torch
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
@@ -254,6 +255,38 @@ def confidence_histograms(conditions: dict[str, ArrayLike], *, title: str | None
                              title=name.upper() if name != "clean" else "clean")
         if ax is not axes[0][0]:
             ax.set_ylabel("")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def attack_curves(curves: pd.DataFrame, *, title: str | None = None) -> Figure:
+    """ECE and success rate against the query budget, one line per attack kind.
+
+    Args:
+        curves: long table with columns setting, kind, queries, ece, success_rate (as written
+            by the attack stage from :meth:`calib.attacks.AttackResult.curve`).
+    """
+    use_style()
+    settings = list(dict.fromkeys(curves["setting"]))
+    fig, axes = plt.subplots(2, len(settings), figsize=(3.4 * len(settings), 5.4),
+                             squeeze=False, sharey="row")
+    for j, setting in enumerate(settings):
+        part = curves[curves["setting"] == setting]
+        for kind in dict.fromkeys(part["kind"]):
+            rows = part[part["kind"] == kind]
+            colour = ATTACK_COLOURS.get(kind, PALETTE[0])
+            axes[0, j].plot(rows["queries"], rows["ece"], color=colour, label=kind.upper())
+            axes[1, j].plot(rows["queries"], rows["success_rate"], color=colour,
+                            label=kind.upper())
+        axes[0, j].set_title(setting)
+        axes[1, j].set_xlabel("queries per image" if not setting.startswith("pgd")
+                              else "gradient steps + 1")
+        axes[1, j].set_ylim(0, 1.02)
+    axes[0, 0].set_ylabel("ECE")
+    axes[1, 0].set_ylabel("success rate")
+    axes[0, -1].legend()
     if title:
         fig.suptitle(title)
     fig.tight_layout()

@@ -30,6 +30,11 @@ def params():
     (("models", "vit", "arch"), "densenet121", r"models\.vit\.arch.*unknown model arch"),
     (("models", "resnet", "arch"), "resnet_does_not_exist", r"models\.resnet\.arch"),
     (("device",), "tpu", r"device.*'auto'"),
+    (("attack", "kinds"), "uca,xca", r"attack\.kinds item = 'xca'.*'rca'"),
+    (("attack", "settings"), "square-l1", r"attack\.settings item.*'square-linf'"),
+    (("attack", "eps_linf"), 0.0, r"attack\.eps_linf.*\(0, 1\]"),
+    (("attack", "eps_linf"), 2.0, r"attack\.eps_linf"),
+    (("attack", "square_iterations"), 0, r"attack\.square_iterations must be >= 1"),
     (("seed",), -1, r"seed must be >= 0"),
 ])
 def test_bad_values_name_the_key(params, path, value, pattern):

@@ -100,6 +100,19 @@ def test_outputs_exist_and_make_sense(smoke_repo):
             assert (repo / f"figures/{model}/{fig}").stat().st_size > 1000
         assert (repo / f"models/{model}/model.safetensors").exists()
         assert (repo / f"reports/notebooks/10_train_{model}.ipynb").exists()
+        attacks = json.loads((repo / f"results/{model}/attack_metrics.json").read_text())
+        assert attacks["n"] == 32 and len(attacks["attacks"]) == 12
+        for name, summary in attacks["attacks"].items():
+            assert summary["label_preserved"] == 1.0, name
+            assert summary["accuracy_after"] == summary["accuracy_before"], name
+            bound = 0.1 if summary["norm"] == "linf" else 1.0
+            assert summary[f"{summary['norm']}_max"] <= bound + 1e-6, name
+        uca = attacks["attacks"]["pgd-linf/uca"]
+        assert uca["confidence_after"] < uca["confidence_before"]
+        for name in ("table1.md", "table3.md", "attack_curves.csv"):
+            assert (repo / f"results/{model}/{name}").stat().st_size > 100
+        for fig in ("fig1_reliability.png", "attack_confidence_hist.png", "attack_curves.png"):
+            assert (repo / f"figures/{model}/{fig}").stat().st_size > 1000
     leftovers = [p for p in repo.rglob("*.partial") if ".dvc" not in p.parts]
     assert leftovers == [] or all("reports" in p.parts for p in leftovers), leftovers
 
