@@ -78,7 +78,7 @@ def run_stage(notebook: str, output: str, parameters: dict[str, Any], *,
                            f"registers the project's environment as {kernel!r})")
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.partial")
+    tmp = out.with_name(f".{out.stem}.partial{out.suffix}")
     try:
         pm.execute_notebook(notebook, str(tmp), parameters=parameters, kernel_name=kernel,
                             log_output=True, progress_bar=False, cwd=os.getcwd())

@@ -62,7 +62,7 @@ def smoke_repo(tmp_path_factory) -> Path:
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
         if (repo / "data/prepared/splits.safetensors").exists() and list(
-                (repo / "reports/notebooks").glob(".10_train_*.partial")):
+                (repo / "reports/notebooks").glob(".10_train_*.partial.ipynb")):
             break
         time.sleep(0.5)
     if proc.poll() is None:
@@ -113,7 +113,7 @@ def test_outputs_exist_and_make_sense(smoke_repo):
             assert (repo / f"results/{model}/{name}").stat().st_size > 100
         for fig in ("fig1_reliability.png", "attack_confidence_hist.png", "attack_curves.png"):
             assert (repo / f"figures/{model}/{fig}").stat().st_size > 1000
-    leftovers = [p for p in repo.rglob("*.partial") if ".dvc" not in p.parts]
+    leftovers = [p for p in repo.rglob("*.partial*") if ".dvc" not in p.parts]
     assert leftovers == [] or all("reports" in p.parts for p in leftovers), leftovers
 
 
