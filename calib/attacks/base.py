@@ -1,0 +1,510 @@
+"""Shared parts of the calibration attacks: objectives, acceptance rule, bookkeeping, result.
+
+Paper: Obadinma, Zhu, Guo, "Calibration Attacks: A Comprehensive Study of Adversarial Attacks
+on Model Confidence" (TMLR; arXiv:2401.02718), §3. SPEC §3 fixes the semantics used here:
+
+- UCA minimises the probability margin ``m = p_(1) - p_(2)``; success when ``m <= 0.1``.
+- OCA maximises ``p_k`` (k the clean prediction); success when the confidence is ``>= 0.99``.
+- MMA runs UCA on samples whose clean prediction equals the label and OCA on the rest.
+- RCA draws a target ``t ~ U(1/K + 0.05, 0.99)`` per sample and minimises ``|c - t|``;
+  success when ``|c - t| <= 0.05``.
+- Acceptance rule: a candidate replaces the current best iff the objective improves AND the
+  argmax is still the clean prediction ``k``. Correct classification is not required.
+- A successful sample is not queried again.
+
+Every attack evaluates objectives through :func:`score` and keeps its per-sample state in an
+:class:`AttackState`, so the methods (:mod:`calib.attacks.square`, :mod:`calib.attacks.pgd`)
+only differ in how they propose candidates.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from calib import metrics
+from calib.checks import (
+    check_choice,
+    check_deterministic,
+    check_eps,
+    check_images,
+    check_labels,
+    check_logits,
+    eval_mode,
+    perturbation_norms,
+)
+
+KINDS: tuple[str, ...] = ("uca", "oca", "mma", "rca")
+METHODS: tuple[str, ...] = ("square", "pgd")
+NORMS: tuple[str, ...] = ("linf", "l2")
+
+#: Per-sample objective codes; MMA mixes UCA and OCA samples in one run.
+MODE_UCA: int = 0
+MODE_OCA: int = 1
+MODE_RCA: int = 2
+
+#: RCA targets are drawn from U(1/K + RCA_TARGET_OFFSET, RCA_TARGET_HIGH) (SPEC §3).
+RCA_TARGET_OFFSET: float = 0.05
+RCA_TARGET_HIGH: float = 0.99
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Per-kind success thresholds (SPEC §3).
+
+    Attributes:
+        uca_margin: UCA succeeds when the probability margin ``p_(1) - p_(2)`` is at most this.
+        oca_confidence: OCA succeeds when the confidence is at least this.
+        rca_tolerance: RCA succeeds when ``|c - t|`` is at most this.
+    """
+
+    uca_margin: float = 0.1
+    oca_confidence: float = 0.99
+    rca_tolerance: float = 0.05
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.uca_margin < 1.0:
+            raise ValueError(f"uca_margin must be in [0, 1), got {self.uca_margin}")
+        if not 0.0 < self.oca_confidence <= 1.0:
+            raise ValueError(f"oca_confidence must be in (0, 1], got {self.oca_confidence}")
+        if not 0.0 <= self.rca_tolerance < 1.0:
+            raise ValueError(f"rca_tolerance must be in [0, 1), got {self.rca_tolerance}")
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Per-sample evaluation of one batch of logits against the clean predictions.
+
+    All fields have shape (B,).
+
+    Attributes:
+        loss: the objective to minimise: the margin (UCA), ``-log p_k`` (OCA, a monotone
+            and numerically finer version of ``-p_k``) or ``|p_k - t|`` (RCA).
+        confidence: ``p_k``, the probability of the clean prediction ``k`` (the confidence
+            whenever the label is kept).
+        margin: ``p_k - max_{j != k} p_j`` (negative once the argmax has moved).
+        keeps_label: the argmax is still ``k``, with ``margin > min_margin``.
+        success: the sample meets its kind's threshold.
+    """
+
+    loss: torch.Tensor
+    confidence: torch.Tensor
+    margin: torch.Tensor
+    keeps_label: torch.Tensor
+    success: torch.Tensor
+
+
+def score(logits: torch.Tensor, k: torch.Tensor, mode: torch.Tensor, target: torch.Tensor,
+          thresholds: Thresholds, min_margin: float, present: tuple[int, ...] | None = None
+          ) -> Scores:
+    """Objective, confidence, margin, label check and success of ``logits`` (B, K).
+
+    Args:
+        logits: (B, K) model outputs.
+        k: (B,) clean predictions.
+        mode: (B,) objective codes (:data:`MODE_UCA`, :data:`MODE_OCA`, :data:`MODE_RCA`).
+        target: (B,) RCA target confidences (ignored elsewhere).
+        thresholds: success thresholds.
+        min_margin: the label counts as kept only if ``p_k`` beats every other class by more
+            than this; a small positive value keeps the label robust to the last-bit
+            differences that another batch composition can cause in the logits.
+        present: the codes that occur in ``mode``, if known; a single code skips the
+            per-sample selection (the attacks' inner loops call this every iteration).
+    """
+    z = logits.detach()
+    if z.dtype not in (torch.float32, torch.float64):
+        z = z.float()
+    logp = z.log_softmax(1)
+    logp_k = logp.gather(1, k[:, None]).squeeze(1)
+    p_k = logp_k.exp()
+    p_other = logp.scatter(1, k[:, None], -math.inf).amax(1).exp()
+    margin = p_k - p_other
+    keeps = margin > min_margin
+    only = present[0] if present is not None and len(present) == 1 else None
+    if only == MODE_UCA:
+        return Scores(margin, p_k, margin, keeps, margin <= thresholds.uca_margin)
+    if only == MODE_OCA:
+        return Scores(-logp_k, p_k, margin, keeps, p_k >= thresholds.oca_confidence)
+    distance = (p_k - target.to(p_k.dtype)).abs()
+    if only == MODE_RCA:
+        return Scores(distance, p_k, margin, keeps, distance <= thresholds.rca_tolerance)
+    is_uca, is_oca = mode == MODE_UCA, mode == MODE_OCA
+    loss = torch.where(is_uca, margin, torch.where(is_oca, -logp_k, distance))
+    success = torch.where(
+        is_uca, margin <= thresholds.uca_margin,
+        torch.where(is_oca, p_k >= thresholds.oca_confidence,
+                    distance <= thresholds.rca_tolerance))
+    return Scores(loss=loss, confidence=p_k, margin=margin, keeps_label=keeps,
+                  success=success)
+
+
+def resolve_modes(kind: str, clean_prediction: torch.Tensor, labels: torch.Tensor | None
+                  ) -> torch.Tensor:
+    """Objective code per sample (int8, (N,)); MMA splits on ``clean_prediction == labels``."""
+    n = clean_prediction.shape[0]
+    device = clean_prediction.device
+    if kind == "mma":
+        if labels is None:
+            raise ValueError("kind='mma' needs the true labels (labels=...)")
+        correct = clean_prediction == labels.to(device)
+        return torch.where(correct, MODE_UCA, MODE_OCA).to(torch.int8)
+    code = {"uca": MODE_UCA, "oca": MODE_OCA, "rca": MODE_RCA}[kind]
+    return torch.full((n,), code, dtype=torch.int8, device=device)
+
+
+def rca_targets(uniform: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Map U(0, 1) draws (N,) to RCA targets ``t ~ U(1/K + 0.05, 0.99)`` (SPEC §3)."""
+    low = 1.0 / num_classes + RCA_TARGET_OFFSET
+    return low + (RCA_TARGET_HIGH - low) * uniform
+
+
+@dataclass
+class AttackHistory:
+    """Per-iteration, per-sample record of one attack run (row t = after iteration t).
+
+    Row 0 is the clean state. Samples that stopped (succeeded, or the whole batch finished
+    early) repeat their last values, so row t describes the outcome with a budget of t + 1
+    queries (gradient steps + 1 for PGD) per sample.
+
+    Attributes:
+        confidence: (T + 1, N) float32, confidence of the current best input.
+        queries: (T + 1, N) int64, queries used so far.
+        success: (T + 1, N) bool, success so far.
+    """
+
+    confidence: torch.Tensor
+    queries: torch.Tensor
+    success: torch.Tensor
+
+
+@dataclass
+class AttackResult:
+    """Outcome of one calibration attack on N images.
+
+    Tensors other than ``x_adv`` and ``x_clean`` live on the CPU.
+
+    Attributes:
+        x_adv: (N, C, H, W) adversarial images, same device and dtype as the input.
+        x_clean: (N, C, H, W) the clean images (the caller's tensor, not a copy).
+        queries: int64 (N,) model evaluations per sample including the clean one (PGD:
+            gradient steps + 1).
+        success: bool (N,) the sample met its threshold.
+        target: float (N,) RCA target confidences; NaN for the other kinds.
+        mode: int8 (N,) objective per sample (:data:`MODE_UCA`, :data:`MODE_OCA`,
+            :data:`MODE_RCA`); tells the UCA and OCA halves of an MMA run apart.
+        clean_confidence, final_confidence: float (N,) confidence before and after.
+        clean_margin, final_margin: float (N,) probability margin before and after.
+        clean_prediction, final_prediction: int64 (N,) argmax before and after (equal by
+            construction).
+        kind, method, norm, eps, iterations, seed: the run's settings.
+        history: per-iteration records for curves against the number of queries.
+        labels: int64 (N,) true labels if they were given, else None.
+        options: the method options the run used (defaults filled in).
+    """
+
+    x_adv: torch.Tensor
+    x_clean: torch.Tensor
+    queries: torch.Tensor
+    success: torch.Tensor
+    target: torch.Tensor
+    mode: torch.Tensor
+    clean_confidence: torch.Tensor
+    final_confidence: torch.Tensor
+    clean_margin: torch.Tensor
+    final_margin: torch.Tensor
+    clean_prediction: torch.Tensor
+    final_prediction: torch.Tensor
+    kind: str
+    method: str
+    norm: str
+    eps: float
+    iterations: int
+    seed: int
+    history: AttackHistory
+    labels: torch.Tensor | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def linf_norm(self) -> torch.Tensor:
+        """Per-sample L-inf norm of the perturbation, float64 (N,)."""
+        return perturbation_norms(self.x_clean, self.x_adv, "linf")
+
+    def l2_norm(self) -> torch.Tensor:
+        """Per-sample L2 norm of the perturbation, float64 (N,)."""
+        return perturbation_norms(self.x_clean, self.x_adv, "l2")
+
+    def _labels(self, labels: torch.Tensor | None) -> torch.Tensor | None:
+        if labels is None:
+            return self.labels
+        return check_labels(labels, self.queries.shape[0]).detach().cpu().long()
+
+    def summary(self, labels: torch.Tensor | None = None) -> dict[str, Any]:
+        """Headline numbers of the run (SPEC §6) as a flat, JSON-ready dict.
+
+        Args:
+            labels: (N,) true labels; defaults to the labels given to the attack. Without
+                labels, accuracy, ECE and KS are left out.
+
+        Returns:
+            Settings, ``success_rate``, query statistics (``queries_mean`` over all samples,
+            ``queries_success_mean`` / ``_median`` over successful ones, None if there are
+            none), confidence before/after, perturbation norms, ``label_preserved`` (rate),
+            and with labels ``accuracy``, ``ece`` and ``ks`` before/after.
+        """
+        labels = self._labels(labels)
+        q = self.queries.double()
+        won = self.success
+        linf, l2 = self.linf_norm(), self.l2_norm()
+        out: dict[str, Any] = {
+            "kind": self.kind, "method": self.method, "norm": self.norm, "eps": self.eps,
+            "iterations": self.iterations, "seed": self.seed, "n": int(q.numel()),
+            "success_rate": float(won.double().mean()),
+            "queries_mean": float(q.mean()),
+            "queries_success_mean": float(q[won].mean()) if bool(won.any()) else None,
+            "queries_success_median": float(q[won].median()) if bool(won.any()) else None,
+            "confidence_before": float(self.clean_confidence.double().mean()),
+            "confidence_after": float(self.final_confidence.double().mean()),
+            "linf_mean": float(linf.mean()), "linf_max": float(linf.max()),
+            "l2_mean": float(l2.mean()), "l2_max": float(l2.max()),
+            "label_preserved": float((self.final_prediction == self.clean_prediction)
+                                     .double().mean()),
+        }
+        if labels is not None:
+            for when, pred, conf in (("before", self.clean_prediction, self.clean_confidence),
+                                     ("after", self.final_prediction, self.final_confidence)):
+                correct = (pred == labels).double()
+                out[f"accuracy_{when}"] = float(correct.mean())
+                out[f"ece_{when}"] = metrics.ece(conf, correct)
+                out[f"ks_{when}"] = metrics.ks_error(conf, correct)
+        return out
+
+    def curve(self, labels: torch.Tensor | None = None, *, points: int | None = None
+              ) -> dict[str, np.ndarray]:
+        """Metrics against the query budget, all from this one run.
+
+        Row t of the history is the outcome had the budget been t + 1 queries per sample.
+
+        Args:
+            labels: (N,) true labels (default: those given to the attack); without them the
+                ECE and KS curves are left out.
+            points: keep about this many budgets, evenly spaced (default: every iteration).
+
+        Returns:
+            ``queries`` (the budget), ``queries_mean`` (mean queries actually used),
+            ``confidence`` (mean confidence), ``success_rate`` and, with labels, ``ece`` and
+            ``ks``; each a float64 array of the same length.
+        """
+        labels = self._labels(labels)
+        h = self.history
+        n_rows = h.confidence.shape[0]
+        rows = np.arange(n_rows)
+        if points is not None:
+            if points < 2:
+                raise ValueError(f"points must be >= 2, got {points}")
+            rows = np.unique(np.linspace(0, n_rows - 1, points).round().astype(np.int64))
+        conf = h.confidence[rows].double()
+        out = {
+            "queries": (rows + 1).astype(np.float64),
+            "queries_mean": h.queries[rows].double().mean(1).numpy(),
+            "confidence": conf.mean(1).numpy(),
+            "success_rate": h.success[rows].double().mean(1).numpy(),
+        }
+        if labels is not None:
+            # The attacks keep the clean prediction, so correctness is fixed along the run.
+            correct = (self.clean_prediction == labels).double()
+            out["ece"] = np.array([metrics.ece(c, correct) for c in conf])
+            out["ks"] = np.array([metrics.ks_error(c, correct) for c in conf])
+        return out
+
+
+class AttackState:
+    """Per-sample state of an attack on one chunk of B images (all tensors on their device).
+
+    Holds the current best inputs and their objective values, the query counts and the
+    history rows, and applies the acceptance rule to candidate batches.
+    """
+
+    def __init__(self, x: torch.Tensor, logits: torch.Tensor, *, mode: torch.Tensor,
+                 target: torch.Tensor, thresholds: Thresholds, min_margin: float,
+                 iterations: int) -> None:
+        self.x_best = x.detach().clone(memory_format=torch.contiguous_format)
+        self.k = logits.detach().argmax(1)
+        self.mode = mode
+        self.target = target
+        self.thresholds = thresholds
+        self.min_margin = min_margin
+        self.present = tuple(sorted(set(mode.tolist())))
+        s = score(logits, self.k, mode, target, thresholds, min_margin, self.present)
+        self.loss = s.loss.clone()
+        self.confidence = s.confidence.clone()
+        self.margin = s.margin.clone()
+        self.success = s.success.clone()
+        self.clean_confidence = s.confidence.clone()
+        self.clean_margin = s.margin.clone()
+        n, device = x.shape[0], x.device
+        self.queries = torch.ones(n, dtype=torch.int64, device=device)
+        self.hist_confidence = torch.empty(iterations + 1, n, dtype=torch.float32,
+                                           device=device)
+        self.hist_queries = torch.empty(iterations + 1, n, dtype=torch.int64, device=device)
+        self.hist_success = torch.empty(iterations + 1, n, dtype=torch.bool, device=device)
+        self.t = 0
+        self._write_row(0)
+
+    def active(self) -> torch.Tensor:
+        """Indices (int64) of the samples still to attack."""
+        return (~self.success).nonzero().squeeze(1)
+
+    def consider(self, idx: torch.Tensor, x_new: torch.Tensor, logits: torch.Tensor, *,
+                 copy_inputs: bool = True) -> tuple[torch.Tensor, Scores]:
+        """Apply the acceptance rule to candidates ``x_new`` (A, C, H, W) for samples ``idx``.
+
+        Counts one query per sample in ``idx``.
+
+        Args:
+            idx: (A,) the samples the candidates belong to.
+            x_new: (A, C, H, W) candidates.
+            logits: (A, K) the model's outputs on them.
+            copy_inputs: copy accepted candidates into ``x_best``; a caller that knows
+                which pixels changed may do it more cheaply itself.
+
+        Returns:
+            ``accepted``, bool (A,), and the candidates' :class:`Scores`.
+        """
+        s = score(logits, self.k[idx], self.mode[idx], self.target[idx], self.thresholds,
+                  self.min_margin, self.present)
+        accepted = (s.loss < self.loss[idx]) & s.keeps_label
+        local = accepted.nonzero().squeeze(1)
+        rows = idx[local]
+        if copy_inputs:
+            self.x_best.index_copy_(0, rows, x_new.detach().index_select(0, local))
+        self.loss[rows] = s.loss[local]
+        self.confidence[rows] = s.confidence[local]
+        self.margin[rows] = s.margin[local]
+        self.success[rows] = s.success[local]
+        self.queries[idx] += 1
+        return accepted, s
+
+    def record(self) -> None:
+        """Close an iteration: write the next history row."""
+        self.t += 1
+        self._write_row(self.t)
+
+    def finish(self) -> None:
+        """Repeat the last row into the rows of iterations that were not needed."""
+        last = self.t
+        self.hist_confidence[last + 1:] = self.hist_confidence[last]
+        self.hist_queries[last + 1:] = self.hist_queries[last]
+        self.hist_success[last + 1:] = self.hist_success[last]
+
+    def _write_row(self, t: int) -> None:
+        self.hist_confidence[t] = self.confidence
+        self.hist_queries[t] = self.queries
+        self.hist_success[t] = self.success
+
+
+#: A method's per-chunk loop: (clean images, state factory, generator, progress bar) -> state.
+ChunkAttack = Callable[[torch.Tensor, Callable[[torch.Tensor], AttackState], torch.Generator,
+                        Any], AttackState]
+
+
+def check_common(model: object, images: object, *, kind: object, norm: object, eps: object,
+                 iterations: object, labels: object, seed: object, batch_size: object,
+                 norms: tuple[str, ...] = NORMS) -> tuple[torch.Tensor, float]:
+    """Validate the arguments every attack shares, before any work; returns (images, eps)."""
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_choice("kind", kind, KINDS)
+    check_choice("norm", norm, norms)
+    images = check_images(images)
+    eps = check_eps(eps, str(norm))
+    for name, value, low in (("iterations", iterations, 0), ("batch_size", batch_size, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    if kind == "mma" and labels is None:
+        raise ValueError("kind='mma' needs the true labels (labels=...): it runs UCA on "
+                         "correctly classified samples and OCA on the others")
+    if labels is not None:
+        check_labels(labels, images.shape[0])
+    return images, eps
+
+
+def check_min_margin(min_margin: object) -> float:
+    """Validate the label-keeping margin: a number in [0, 1)."""
+    if isinstance(min_margin, bool) or not isinstance(min_margin, int | float) \
+            or not 0.0 <= float(min_margin) < 1.0:
+        raise ValueError(f"min_margin must be a number in [0, 1), got {min_margin!r}")
+    return float(min_margin)
+
+
+def execute(model: nn.Module, images: torch.Tensor, *, attack_chunk: ChunkAttack, kind: str,
+            method: str, norm: str, eps: float, iterations: int, labels: torch.Tensor | None,
+            seed: int, thresholds: Thresholds, min_margin: float, batch_size: int,
+            show_progress: bool, options: dict[str, Any]) -> AttackResult:
+    """Run ``attack_chunk`` over the images in chunks of ``batch_size`` and gather the result.
+
+    The model is in eval mode throughout and its previous modes are restored afterwards. One
+    seeded generator on the images' device drives everything: the RCA targets are drawn
+    first for all N samples (so they do not depend on ``batch_size``), then the chunks are
+    attacked in order.
+    """
+    n, device = images.shape[0], images.device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    uniform = torch.rand(n, generator=generator, device=device)
+    states: list[AttackState] = []
+    n_chunks = math.ceil(n / batch_size)
+    with eval_mode(model), tqdm(total=iterations * n_chunks, desc=f"{method} {kind}",
+                                disable=not show_progress, leave=False) as bar:
+        check_deterministic(model, images)
+        for start in range(0, n, batch_size):
+            stop = min(start + batch_size, n)
+            chunk_labels = None if labels is None else labels[start:stop].to(device)
+
+            def make_state(logits: torch.Tensor, x: torch.Tensor = images[start:stop],
+                           chunk_labels: torch.Tensor | None = chunk_labels,
+                           u: torch.Tensor = uniform[start:stop]) -> AttackState:
+                num_classes = check_logits(logits, x.shape[0])
+                if chunk_labels is not None:
+                    check_labels(chunk_labels, x.shape[0], num_classes=num_classes)
+                k = logits.detach().argmax(1)
+                mode = resolve_modes(kind, k, chunk_labels)
+                target = rca_targets(u, num_classes) if kind == "rca" \
+                    else torch.full_like(u, math.nan)
+                return AttackState(x, logits, mode=mode, target=target, thresholds=thresholds,
+                                   min_margin=min_margin, iterations=iterations)
+
+            state = attack_chunk(images[start:stop], make_state, generator, bar)
+            state.finish()
+            bar.update(iterations - state.t)
+            states.append(state)
+    return _assemble(states, images, kind=kind, method=method, norm=norm, eps=eps,
+                     iterations=iterations, seed=seed, labels=labels, options=options)
+
+
+def _assemble(states: list[AttackState], images: torch.Tensor, *, kind: str, method: str,
+              norm: str, eps: float, iterations: int, seed: int, labels: torch.Tensor | None,
+              options: dict[str, Any]) -> AttackResult:
+    def cat(name: str, dim: int = 0) -> torch.Tensor:
+        return torch.cat([getattr(s, name) for s in states], dim=dim).cpu()
+
+    x_adv = torch.cat([s.x_best for s in states])
+    prediction = cat("k")
+    return AttackResult(
+        x_adv=x_adv, x_clean=images, queries=cat("queries"), success=cat("success"),
+        target=cat("target"), mode=cat("mode"),
+        clean_confidence=cat("clean_confidence"), final_confidence=cat("confidence"),
+        clean_margin=cat("clean_margin"), final_margin=cat("margin"),
+        clean_prediction=prediction, final_prediction=prediction.clone(),
+        kind=kind, method=method, norm=norm, eps=eps, iterations=iterations, seed=seed,
+        history=AttackHistory(confidence=cat("hist_confidence", 1),
+                              queries=cat("hist_queries", 1),
+                              success=cat("hist_success", 1)),
+        labels=None if labels is None else labels.detach().cpu().long(), options=options,
+    )

@@ -1,0 +1,204 @@
+"""Sanity checks on inputs, models and attack outputs (in the spirit of auto-attack's checks).
+
+The ``check_*`` functions validate arguments and raise :class:`ValueError` (or warn) before
+any expensive work starts. The predicates (:func:`label_preserved`, :func:`within_eps_ball`,
+:func:`parameters_unchanged`, ...) verify the invariants every calibration attack promises
+(SPEC §3): the predicted label is kept, the perturbation stays inside the eps-ball and [0, 1],
+and the attacked model is left exactly as it was. The tests use them as helpers, and so can a
+practitioner auditing their own attack run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+
+#: Tolerance used when comparing a perturbation with its budget eps.
+EPS_ATOL: float = 1e-6
+
+
+def check_choice(name: str, value: object, allowed: Sequence[str]) -> str:
+    """Return ``value`` if it is one of ``allowed``; otherwise raise a ValueError naming both."""
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+    return value
+
+
+def check_images(images: object, *, name: str = "images") -> torch.Tensor:
+    """Validate a batch of images: a floating tensor (N, C, H, W), N >= 1, finite, in [0, 1].
+
+    Returns:
+        The tensor itself (not a copy).
+    """
+    if not isinstance(images, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(images).__name__}")
+    if images.ndim != 4:
+        raise ValueError(f"{name} must be 4-D (N, C, H, W), got shape {tuple(images.shape)}")
+    if not images.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got {images.dtype}")
+    if images.shape[0] == 0:
+        raise ValueError(f"{name} is empty (N = 0)")
+    if not bool(torch.isfinite(images).all()):
+        raise ValueError(f"{name} contains NaN or infinite values")
+    lo, hi = float(images.min()), float(images.max())
+    if lo < 0.0 or hi > 1.0:
+        raise ValueError(
+            f"{name} must lie in [0, 1] (normalisation belongs inside the model); "
+            f"got values in [{lo:.4g}, {hi:.4g}]")
+    return images
+
+
+def check_labels(labels: object, n: int, *, num_classes: int | None = None,
+                 name: str = "labels") -> torch.Tensor:
+    """Validate integer class labels of shape (n,), optionally within [0, num_classes)."""
+    if not isinstance(labels, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.ndim != 1 or labels.shape[0] != n:
+        raise ValueError(
+            f"{name} must have shape ({n},) to match the images, got {tuple(labels.shape)}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f"{name} must be an integer tensor, got {labels.dtype}")
+    if num_classes is not None and n > 0:
+        lo, hi = int(labels.min()), int(labels.max())
+        if lo < 0 or hi >= num_classes:
+            raise ValueError(
+                f"{name} must lie in [0, {num_classes}) for a model with {num_classes} "
+                f"classes, got values in [{lo}, {hi}]")
+    return labels
+
+
+def check_eps(eps: object, norm: str) -> float:
+    """Validate the perturbation budget: 0 < eps <= 1 for "linf", 0 < eps < inf for "l2"."""
+    if isinstance(eps, bool) or not isinstance(eps, int | float):
+        raise ValueError(f"eps must be a number, got {type(eps).__name__}")
+    eps = float(eps)
+    if not math.isfinite(eps) or eps <= 0.0:
+        raise ValueError(f"eps must be a positive finite number, got {eps}")
+    if norm == "linf" and eps > 1.0:
+        raise ValueError(f"eps must be in (0, 1] for norm='linf' on [0, 1] images, got {eps}")
+    return eps
+
+
+def check_logits(logits: torch.Tensor, n: int) -> int:
+    """Validate a model's output on n images: logits (n, K) with K >= 2, all finite.
+
+    Warns (see :func:`check_logits_not_probs`) when the rows look like probabilities.
+
+    Returns:
+        K, the number of classes.
+    """
+    if not isinstance(logits, torch.Tensor):
+        raise ValueError(f"the model must return a tensor of logits, got {type(logits).__name__}")
+    if logits.ndim != 2 or logits.shape[0] != n or logits.shape[1] < 2:
+        raise ValueError(
+            f"the model must map (N, C, H, W) images to logits (N, K) with K >= 2; "
+            f"got output shape {tuple(logits.shape)} for N = {n}")
+    if not bool(torch.isfinite(logits).all()):
+        raise ValueError("the model returned NaN or infinite logits")
+    check_logits_not_probs(logits)
+    return int(logits.shape[1])
+
+
+def check_logits_not_probs(logits: torch.Tensor, *, atol: float = 1e-4) -> bool:
+    """Warn if ``logits`` (N, K) look like probabilities (rows in [0, 1] summing to 1).
+
+    Calibration attacks apply a softmax themselves; feeding them probabilities squashes the
+    confidences towards 1/K and silently changes every objective.
+
+    Returns:
+        True if the output looks like probabilities (a warning was issued).
+    """
+    z = logits.detach().double()
+    in_unit = bool(((z >= 0) & (z <= 1)).all())
+    sums_to_one = bool(((z.sum(-1) - 1).abs() <= atol).all())
+    if in_unit and sums_to_one:
+        warnings.warn(
+            "the model output looks like probabilities (rows in [0, 1] summing to 1); "
+            "calibration attacks expect logits, so remove the final softmax",
+            UserWarning, stacklevel=3)
+        return True
+    return False
+
+
+def perturbation_norms(clean: torch.Tensor, adv: torch.Tensor, norm: str) -> torch.Tensor:
+    """Per-sample norm of ``adv - clean`` (both (N, C, H, W)); float64 (N,) on the CPU."""
+    check_choice("norm", norm, ("linf", "l2"))
+    delta = (adv.detach().double() - clean.detach().double()).flatten(1)
+    out = delta.abs().amax(1) if norm == "linf" else delta.norm(dim=1)
+    return out.cpu()
+
+
+def within_eps_ball(clean: torch.Tensor, adv: torch.Tensor, *, eps: float, norm: str,
+                    atol: float = EPS_ATOL) -> torch.Tensor:
+    """Per-sample bool (N,): ``adv`` is in [0, 1] and within ``eps + atol`` of ``clean``."""
+    in_range = ((adv >= 0) & (adv <= 1)).flatten(1).all(1).cpu()
+    return in_range & (perturbation_norms(clean, adv, norm) <= eps + atol)
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put ``model`` in eval mode for the block; restore every submodule's own mode after."""
+    flags = training_flags(model)
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, flag in zip(model.modules(), flags, strict=True):
+            module.training = flag
+
+
+def training_flags(model: nn.Module) -> list[bool]:
+    """The ``training`` flag of every submodule, in ``model.modules()`` order."""
+    return [m.training for m in model.modules()]
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: torch.Tensor, *, batch_size: int = 256) -> torch.Tensor:
+    """Logits (N, K) of ``model`` on ``images`` (N, C, H, W), in eval mode, batch by batch."""
+    with eval_mode(model):
+        return torch.cat([model(chunk) for chunk in images.split(batch_size)])
+
+
+def label_preserved(model: nn.Module, clean: torch.Tensor, adv: torch.Tensor, *,
+                    batch_size: int = 256) -> torch.Tensor:
+    """Per-sample bool (N,): the model predicts the same class on ``adv`` as on ``clean``."""
+    before = predict(model, clean, batch_size=batch_size).argmax(1)
+    after = predict(model, adv, batch_size=batch_size).argmax(1)
+    return (before == after).cpu()
+
+
+def parameters_snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of every parameter and buffer of ``model``."""
+    return {name: t.detach().clone() for name, t in model.state_dict(keep_vars=True).items()}
+
+
+def parameters_unchanged(model: nn.Module, snapshot: dict[str, torch.Tensor]) -> bool:
+    """True if every parameter and buffer still equals ``snapshot`` bitwise."""
+    state = model.state_dict(keep_vars=True)
+    if state.keys() != snapshot.keys():
+        return False
+    return all(torch.equal(state[k].detach(), v) for k, v in snapshot.items())
+
+
+def check_deterministic(model: nn.Module, images: torch.Tensor, *, n: int = 8) -> bool:
+    """Warn if two eval-mode forward passes on the first ``n`` images disagree.
+
+    Score-based attacks compare the model's outputs across queries; a randomised model (e.g.
+    dropout kept on at test time) makes every comparison noise.
+
+    Returns:
+        True if the outputs agreed (up to floating-point noise of the kernels).
+    """
+    probe = images[:n]
+    first, second = predict(model, probe), predict(model, probe)
+    if not torch.allclose(first, second, rtol=1e-4, atol=1e-5):
+        warnings.warn(
+            "the model gives different outputs for the same input in eval mode; attacks and "
+            "their acceptance rule assume a deterministic model", UserWarning, stacklevel=3)
+        return False
+    return True

@@ -1,0 +1,173 @@
+"""Tests for calib.checks: argument validation and the attack-invariant predicates."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from calib import checks
+
+
+class _Noisy(nn.Module):
+    """Adds fresh noise on every call, even in eval mode: a randomised model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.flatten(1)) + torch.randn(x.shape[0], 3)
+
+
+def _images(n: int = 3, c: int = 1, h: int = 2, w: int = 2) -> torch.Tensor:
+    return torch.rand(n, c, h, w, generator=torch.Generator().manual_seed(0))
+
+
+# --- argument checks -------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("bad", "match"), [
+    ([[0.5]], "torch.Tensor"),
+    (torch.rand(2, 3, 4), "4-D"),
+    (torch.ones(2, 1, 2, 2, dtype=torch.int64), "floating-point"),
+    (torch.rand(0, 1, 2, 2), "empty"),
+    (torch.full((1, 1, 2, 2), math.nan), "NaN"),
+    (torch.full((1, 1, 2, 2), 1.5), r"\[0, 1\]"),
+    (torch.full((1, 1, 2, 2), -0.1), r"\[0, 1\]"),
+])
+def test_check_images_rejects(bad: object, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        checks.check_images(bad)
+
+
+def test_check_images_accepts_and_returns_same_tensor() -> None:
+    x = _images()
+    assert checks.check_images(x) is x
+
+
+def test_check_choice_names_allowed_values() -> None:
+    assert checks.check_choice("kind", "uca", ("uca", "oca")) == "uca"
+    with pytest.raises(ValueError, match=r"kind must be one of \['uca', 'oca'\]"):
+        checks.check_choice("kind", "xyz", ("uca", "oca"))
+
+
+@pytest.mark.parametrize(("labels", "match"), [
+    (torch.zeros(2, dtype=torch.int64), r"shape \(3,\)"),
+    (torch.zeros(3, 1, dtype=torch.int64), r"shape \(3,\)"),
+    (torch.zeros(3), "integer"),
+    (torch.tensor([0, 1, 5]), r"\[0, 4\)"),
+    (torch.tensor([0, -1, 2]), r"\[0, 4\)"),
+    ([0, 1, 2], "torch.Tensor"),
+])
+def test_check_labels_rejects(labels: object, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        checks.check_labels(labels, 3, num_classes=4)
+
+
+@pytest.mark.parametrize(("eps", "norm"), [(0.0, "linf"), (-0.1, "l2"), (1.5, "linf"),
+                                           (math.inf, "l2"), (math.nan, "linf"),
+                                           ("0.1", "linf"), (True, "linf")])
+def test_check_eps_rejects(eps: object, norm: str) -> None:
+    with pytest.raises(ValueError, match="eps"):
+        checks.check_eps(eps, norm)
+
+
+def test_check_eps_allows_large_l2() -> None:
+    assert checks.check_eps(3, "l2") == 3.0
+    assert checks.check_eps(1, "linf") == 1.0
+
+
+def test_check_logits_shape_and_values() -> None:
+    assert checks.check_logits(torch.randn(4, 3), 4) == 3
+    with pytest.raises(ValueError, match="K >= 2"):
+        checks.check_logits(torch.randn(4, 1), 4)
+    with pytest.raises(ValueError, match=r"\(N, K\)"):
+        checks.check_logits(torch.randn(3, 5), 4)
+    with pytest.raises(ValueError, match="NaN"):
+        checks.check_logits(torch.tensor([[0.0, math.inf]]), 1)
+
+
+def test_probabilities_warn_and_logits_do_not() -> None:
+    logits = torch.randn(5, 4, generator=torch.Generator().manual_seed(1)) * 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not checks.check_logits_not_probs(logits)
+    with pytest.warns(UserWarning, match="probabilities"):
+        assert checks.check_logits_not_probs(logits.softmax(1))
+
+
+# --- invariant predicates --------------------------------------------------------------------
+
+def test_perturbation_norms_and_ball() -> None:
+    clean = torch.full((2, 1, 2, 2), 0.5)
+    adv = clean.clone()
+    adv[0, 0, 0, 0] += 0.1
+    adv[1] += 0.05
+    assert torch.allclose(checks.perturbation_norms(clean, adv, "linf"),
+                          torch.tensor([0.1, 0.05], dtype=torch.float64), atol=1e-7)
+    assert torch.allclose(checks.perturbation_norms(clean, adv, "l2"),
+                          torch.tensor([0.1, 0.1], dtype=torch.float64), atol=1e-7)
+    assert checks.within_eps_ball(clean, adv, eps=0.1, norm="linf").tolist() == [True, True]
+    assert checks.within_eps_ball(clean, adv, eps=0.07, norm="linf").tolist() == [False, True]
+    outside = adv.clone()
+    outside[1, 0, 0, 0] = 1.01
+    assert checks.within_eps_ball(clean, outside, eps=1.0, norm="l2").tolist() == [True, False]
+    with pytest.raises(ValueError, match="norm"):
+        checks.perturbation_norms(clean, adv, "l1")
+
+
+def test_eval_mode_restores_mixed_flags() -> None:
+    model = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5), nn.BatchNorm1d(2))
+    model.train()
+    model[1].eval()
+    before = checks.training_flags(model)
+    with checks.eval_mode(model):
+        assert not any(checks.training_flags(model))
+    assert checks.training_flags(model) == before
+
+
+def test_eval_mode_restores_after_error() -> None:
+    model = nn.Linear(2, 2).train()
+    with pytest.raises(RuntimeError), checks.eval_mode(model):
+        raise RuntimeError("boom")
+    assert model.training
+
+
+def test_label_preserved_and_predict() -> None:
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    x = _images(4)
+    assert checks.label_preserved(model, x, x).all()
+    logits = checks.predict(model, x, batch_size=3)
+    assert logits.shape == (4, 3)
+    assert torch.allclose(logits, model(x), atol=1e-6)
+
+
+def test_label_preserved_detects_a_flip() -> None:
+    model = nn.Sequential(nn.Flatten(), nn.Linear(1, 2))
+    with torch.no_grad():
+        model[1].weight.copy_(torch.tensor([[1.0], [-1.0]]))
+        model[1].bias.copy_(torch.tensor([-0.5, 0.5]))
+    clean = torch.tensor([0.9, 0.1]).view(2, 1, 1, 1)
+    adv = torch.tensor([0.1, 0.1]).view(2, 1, 1, 1)
+    assert checks.label_preserved(model, clean, adv).tolist() == [False, True]
+
+
+def test_parameters_snapshot_detects_changes() -> None:
+    model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    snap = checks.parameters_snapshot(model)
+    assert checks.parameters_unchanged(model, snap)
+    model.train()
+    model(torch.randn(4, 2))  # updates the BatchNorm running statistics (buffers)
+    assert not checks.parameters_unchanged(model, snap)
+
+
+def test_check_deterministic() -> None:
+    x = _images(4, h=2, w=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert checks.check_deterministic(nn.Sequential(nn.Flatten(), nn.Linear(4, 3)), x)
+    with pytest.warns(UserWarning, match="different outputs"):
+        assert not checks.check_deterministic(_Noisy(), x)
