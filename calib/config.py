@@ -129,11 +129,101 @@ def _check_attack(attack: Mapping[str, Any]) -> None:
                    low_open=True)
 
 
+#: The options of each defence that the defence stage passes to its notebook (all required).
+DEFEND_OPTIONS: dict[str, tuple[str, ...]] = {
+    "spline": ("n_knots",),
+    "aaa": ("tau", "lr", "steps", "calib_weight", "bpda"),
+    "mdts": ("ridge",),
+    "label_smoothing": ("smoothing",),
+    "dca": ("beta",),
+    "sam": ("rho",),
+    "pgd_at": ("eps", "alpha", "steps"),
+    "caat": ("eps", "iterations", "alpha"),
+}
+
+
+def _comma_items(value: Any, key: str, allowed: Iterable[str]) -> list[str]:
+    allowed = list(allowed)
+    items = [v.strip() for v in str(value).split(",") if v.strip()]
+    if not items:
+        raise ConfigError(f"{key} is empty; choose from {allowed}")
+    for item in items:
+        require_choice(item, allowed, f"{key} item")
+    return items
+
+
+def _name_list(value: Any, key: str, allowed: Iterable[str]) -> None:
+    allowed = list(allowed)
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"{key} must be a non-empty list; choose from {allowed}")
+    for item in value:
+        require_choice(item, allowed, f"{key} item")
+    duplicates = sorted({v for v in value if value.count(v) > 1})
+    if duplicates:
+        raise ConfigError(f"{key} lists {duplicates} more than once")
+
+
+def _check_defend(defend: Mapping[str, Any], params: Mapping[str, Any]) -> None:
+    from calib.attacks import KINDS
+    from calib.defences.evaluate import DEFENCES, SETTINGS, check_options
+
+    if not isinstance(defend, Mapping):
+        raise ConfigError("defend must be a mapping (models, defences, settings, ...)")
+    _name_list(_get(defend, "models", "defend"), "defend.models", list(params["models"]))
+    _name_list(_get(defend, "defences", "defend"), "defend.defences", DEFENCES)
+    _comma_items(_get(defend, "settings", "defend"), "defend.settings", SETTINGS)
+    _comma_items(_get(defend, "kinds", "defend"), "defend.kinds", KINDS)
+    n_images = _get(defend, "n_images", "defend")
+    require_int(n_images, "defend.n_images", minimum=1)
+    attack_size = params["data"]["attack_size"]
+    if n_images > attack_size:
+        raise ConfigError(f"defend.n_images = {n_images} exceeds data.attack_size = "
+                          f"{attack_size} (the defences are attacked on the attack split)")
+    for key in ("square_iterations", "pgd_iterations", "mdts_val_size"):
+        require_int(_get(defend, key, "defend"), f"defend.{key}", minimum=1)
+    finetune = _get(defend, "finetune", "defend")
+    if not isinstance(finetune, Mapping):
+        raise ConfigError("defend.finetune must be a mapping (epochs, subset, batch_size, lr)")
+    require_int(_get(finetune, "epochs", "defend.finetune"), "defend.finetune.epochs",
+                minimum=1)
+    require_int(_get(finetune, "subset", "defend.finetune"), "defend.finetune.subset",
+                minimum=0)
+    require_int(_get(finetune, "batch_size", "defend.finetune"),
+                "defend.finetune.batch_size", minimum=1)
+    require_number(_get(finetune, "lr", "defend.finetune"), "defend.finetune.lr", low=0,
+                   low_open=True)
+    options = _get(defend, "options", "defend")
+    if not isinstance(options, Mapping):
+        raise ConfigError(f"defend.options must map defences to their options: "
+                          f"{sorted(DEFEND_OPTIONS)}")
+    unknown = sorted(set(options) - set(DEFEND_OPTIONS))
+    if unknown:
+        raise ConfigError(f"defend.options has unknown defence(s) {unknown}; allowed: "
+                          f"{sorted(DEFEND_OPTIONS)}")
+    for name, keys in DEFEND_OPTIONS.items():
+        prefix = f"defend.options.{name}"
+        opts = _get(options, name, "defend.options")
+        if not isinstance(opts, Mapping):
+            raise ConfigError(f"{prefix} must be a mapping with keys {list(keys)}")
+        extra = sorted(set(opts) - set(keys))
+        if extra:
+            raise ConfigError(f"{prefix} has unknown option(s) {extra}; allowed: {list(keys)}")
+        for key in keys:
+            _get(opts, key, prefix)
+        if name == "aaa":  # AAA would take any truthy value
+            require_bool(opts["bpda"], f"{prefix}.bpda")
+        try:
+            check_options(name, opts)
+        except ValueError as err:
+            raise ConfigError(f"{prefix}: {err}") from None
+
+
 #: section name -> checker(params) ; each reads what it needs from the whole mapping.
 SECTION_CHECKS: dict[str, Callable[[Mapping[str, Any]], None]] = {
     "data": lambda p: _check_data(p["data"]),
     "models": lambda p: _check_models(p["models"]),
     "attack": lambda p: _check_attack(p["attack"]),
+    "defend": lambda p: _check_defend(p["defend"], p),
 }
 
 

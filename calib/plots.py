@@ -291,3 +291,65 @@ def attack_curves(curves: pd.DataFrame, *, title: str | None = None) -> Figure:
         fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def defence_ece_heatmap(table: pd.DataFrame, *, title: str | None = None,
+                        cmap: str = "YlOrRd") -> Figure:
+    """Post-attack ECE across defences and attacks (paper Table 4 as a figure).
+
+    One heatmap per setting (e.g. square-linf, pgd-linf): a row per defence, a column per
+    attack, each cell annotated with its ECE; the first column is the defended model's clean
+    ECE on the same images, so each row reads "before, then after each attack". All panels
+    share one colour scale starting at 0.
+
+    Args:
+        table: rows of :func:`calib.reporting.table4` for ONE model (columns defence,
+            setting, attack, ece_before, ece_after).
+        title: figure title.
+        cmap: a matplotlib colormap name.
+    """
+    use_style()
+    if table.empty:
+        raise ValueError("table is empty: nothing to plot")
+    if "model" in table and table["model"].nunique() > 1:
+        raise ValueError("table holds several models; plot one model at a time")
+    settings = list(dict.fromkeys(table["setting"]))
+    defences = list(dict.fromkeys(table["defence"]))
+    attacks = list(dict.fromkeys(table["attack"]))
+    columns = ["clean", *attacks]
+    grids = []
+    for setting in settings:
+        part = table[table["setting"] == setting]
+        after = part.pivot_table(index="defence", columns="attack", values="ece_after",
+                                 aggfunc="first")
+        clean = part.groupby("defence")["ece_before"].first().rename("clean")
+        grid = pd.concat([clean, after], axis=1).reindex(index=defences, columns=columns)
+        grids.append(grid.to_numpy(dtype=np.float64))
+    vmax = max(0.05, float(np.nanmax(np.stack(grids))))
+    width = 1.0 + 0.75 * len(columns)
+    fig, axes = plt.subplots(1, len(settings), figsize=(width * len(settings) + 0.8,
+                                                          0.42 * len(defences) + 1.6),
+                             squeeze=False, sharey=True, layout="constrained")
+    image = None
+    for ax, setting, grid in zip(axes[0], settings, grids, strict=True):
+        image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=0.0, vmax=vmax,
+                          aspect="auto")
+        for i in range(grid.shape[0]):
+            for j in range(grid.shape[1]):
+                value = grid[i, j]
+                if np.isfinite(value):
+                    ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8,
+                            color="white" if value > 0.6 * vmax else "black")
+        ax.set_xticks(range(len(columns)))
+        ax.set_xticklabels(columns)
+        ax.set_yticks(range(len(defences)))
+        ax.set_yticklabels(defences)
+        ax.axvline(0.5, color="white", lw=2)
+        ax.grid(False)
+        ax.set_title(setting)
+        ax.tick_params(length=0)
+    assert image is not None
+    fig.colorbar(image, ax=axes[0].tolist(), label="ECE", fraction=0.04, pad=0.01)
+    if title:
+        fig.suptitle(title)
+    return fig

@@ -80,3 +80,47 @@ def test_cli_reports_bad_file(tmp_path, capsys, params):
     path.write_text(yaml.safe_dump(bad))
     assert main([str(path)]) == 2
     assert "models.resnet.train.epochs" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("path,value,pattern", [
+    (("defend", "defences"), ["none", "dropout"], r"defend\.defences item = 'dropout'.*'caat'"),
+    (("defend", "defences"), [], r"defend\.defences must be a non-empty list"),
+    (("defend", "defences"), ["cs", "cs"], r"defend\.defences lists \['cs'\] more than once"),
+    (("defend", "models"), ["densenet"], r"defend\.models item = 'densenet'.*'resnet', 'vit'"),
+    (("defend", "settings"), "square-l1", r"defend\.settings item.*'pgd-linf'"),
+    (("defend", "kinds"), "uca,xca", r"defend\.kinds item = 'xca'"),
+    (("defend", "n_images"), 501, r"defend\.n_images = 501 exceeds data\.attack_size"),
+    (("defend", "square_iterations"), 0, r"defend\.square_iterations must be >= 1"),
+    (("defend", "mdts_val_size"), 1.5, r"defend\.mdts_val_size must be an integer"),
+    (("defend", "finetune", "epochs"), 0, r"defend\.finetune\.epochs must be >= 1"),
+    (("defend", "finetune", "subset"), -1, r"defend\.finetune\.subset must be >= 0"),
+    (("defend", "finetune", "lr"), 0.0, r"defend\.finetune\.lr.*\(0, inf\)"),
+    (("defend", "options", "aaa", "steps"), 2.5, r"defend\.options\.aaa: steps must be"),
+    (("defend", "options", "aaa", "bpda"), "yes", r"defend\.options\.aaa\.bpda must be true"),
+    (("defend", "options", "pgd_at", "eps"), 2.0, r"defend\.options\.pgd_at: eps must be"),
+    (("defend", "options", "caat", "iterations"), 0, r"defend\.options\.caat: iterations"),
+    (("defend", "options", "label_smoothing", "smoothing"), 1.0,
+     r"defend\.options\.label_smoothing: smoothing must be in \[0, 1\)"),
+    (("defend", "options", "sam", "radius"), 0.1,
+     r"defend\.options\.sam has unknown option\(s\) \['radius'\]; allowed: \['rho'\]"),
+    (("defend", "options", "dropout"), {"p": 0.1}, r"defend\.options has unknown defence"),
+])
+def test_bad_defend_values_name_the_key(params, path, value, pattern):
+    bad = copy.deepcopy(params)
+    node = bad
+    for k in path[:-1]:
+        node = node[k]
+    node[path[-1]] = value
+    with pytest.raises(ConfigError, match=pattern):
+        check_params(bad)
+
+
+def test_missing_defend_keys_are_named(params):
+    bad = copy.deepcopy(params)
+    del bad["defend"]["options"]["caat"]["alpha"]
+    with pytest.raises(ConfigError, match=r"missing parameter defend\.options\.caat\.alpha"):
+        check_params(bad)
+    bad = copy.deepcopy(params)
+    del bad["defend"]
+    with pytest.raises(ConfigError, match="missing section 'defend'"):
+        check_params(bad)

@@ -115,6 +115,51 @@ def test_outputs_exist_and_make_sense(smoke_repo):
             assert (repo / f"figures/{model}/{fig}").stat().st_size > 1000
     leftovers = [p for p in repo.rglob("*.partial*") if ".dvc" not in p.parts]
     assert leftovers == [] or all("reports" in p.parts for p in leftovers), leftovers
+    _check_defence_outputs(repo)
+
+
+def _check_defence_outputs(repo: Path) -> None:
+    """Table 4 and its inputs: a row per defence x setting x attack, labels kept."""
+    import pandas as pd
+    import yaml
+
+    from calib.defences.evaluate import DEFENCES
+
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    defend = params["defend"]
+    settings = defend["settings"].split(",")
+    kinds = defend["kinds"].split(",")
+    for model in defend["models"]:
+        table = pd.read_csv(repo / f"results/{model}/table4.csv")
+        assert len(table) == len(defend["defences"]) * len(settings) * len(kinds)
+        assert list(dict.fromkeys(table["defence"])) == sorted(defend["defences"],
+                                                               key=DEFENCES.index)
+        for defence in defend["defences"]:
+            part = table[table["defence"] == defence]
+            assert sorted(part["setting"].unique()) == sorted(settings), defence
+            assert sorted(part["attack"].unique()) == sorted(k.upper() for k in kinds), defence
+            summary = json.loads(
+                (repo / f"results/{model}/defences/{defence}/summary.json").read_text())
+            assert summary["n_images"] == defend["n_images"]
+            for s in summary["attacks"]:
+                assert s["label_preserved"] == 1.0, (defence, s["setting"], s["kind"])
+                assert s["linf_max"] <= params["attack"]["eps_linf"] + 1e-6
+            assert (repo / f"results/{model}/defences/{defence}/records.csv").exists()
+            assert (repo / f"reports/notebooks/30_defend_{model}-{defence}.ipynb").exists()
+        assert (table["acc_before"] == table["acc_after"]).all()
+        assert table[["ece_before", "ece_after", "ks_before", "ks_after"]].le(1).all().all()
+        assert table.loc[table["setting"].str.startswith("square"), "white_box"].isna().all()
+        if "cs" in defend["defences"]:
+            assert (table.loc[table["defence"] == "cs", "conf_after"] >= 0.8 - 1e-4).all()
+        if "aaa" in defend["defences"]:
+            white = table[(table["defence"] == "aaa") & table["setting"].str.startswith("pgd")]
+            expected = "bpda" if defend["options"]["aaa"]["bpda"] else "masked"
+            assert set(white["white_box"]) == {expected}
+        assert (repo / f"results/{model}/table4.md").stat().st_size > 100
+        assert (repo / f"figures/{model}/table4_ece.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        metrics = json.loads((repo / f"results/{model}/defence_metrics.json").read_text())
+        assert set(metrics["defences"]) == set(defend["defences"])
+        assert (repo / f"reports/notebooks/31_defence_table_{model}.ipynb").exists()
 
 
 def test_pipeline_is_up_to_date_after_repro(smoke_repo):
