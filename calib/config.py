@@ -124,6 +124,8 @@ def _check_attack(attack: Mapping[str, Any]) -> None:
     require_number(_get(attack, "eps_l2", "attack"), "attack.eps_l2", low=0, low_open=True)
     require_int(_get(attack, "square_iterations", "attack"), "attack.square_iterations",
                 minimum=1)
+    require_number(_get(attack, "square_p_init", "attack"), "attack.square_p_init", low=0,
+                   high=1, low_open=True)
     require_int(_get(attack, "pgd_iterations", "attack"), "attack.pgd_iterations", minimum=1)
     require_number(_get(attack, "pgd_alpha", "attack"), "attack.pgd_alpha", low=0,
                    low_open=True)

@@ -35,6 +35,8 @@ def params():
     (("attack", "eps_linf"), 0.0, r"attack\.eps_linf.*\(0, 1\]"),
     (("attack", "eps_linf"), 2.0, r"attack\.eps_linf"),
     (("attack", "square_iterations"), 0, r"attack\.square_iterations must be >= 1"),
+    (("attack", "square_p_init"), 0.0, r"attack\.square_p_init.*\(0, 1\]"),
+    (("attack", "square_p_init"), 1.5, r"attack\.square_p_init"),
     (("seed",), -1, r"seed must be >= 0"),
 ])
 def test_bad_values_name_the_key(params, path, value, pattern):

@@ -304,3 +304,9 @@ def test_heatmap_figure(table, tmp_path):
     assert (tmp_path / "t4.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="one model"):
         plots.defence_ece_heatmap(pd.concat([table, table.assign(model="other")]))
+
+
+@pytest.mark.parametrize("p_init", [0.0, 1.5, True])
+def test_budget_rejects_bad_square_p_init(p_init: object) -> None:
+    with pytest.raises(ValueError, match="square_p_init"):
+        AttackBudget(square_p_init=p_init)  # type: ignore[arg-type]

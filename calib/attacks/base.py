@@ -85,8 +85,10 @@ class Scores:
     All fields have shape (B,).
 
     Attributes:
-        loss: the objective to minimise: the margin (UCA), ``-log p_k`` (OCA, a monotone
-            and numerically finer version of ``-p_k``) or ``|p_k - t|`` (RCA).
+        loss: the objective to minimise: the margin (UCA, as ``-log(1 - margin)``), ``-log
+            p_k`` (OCA) or ``|p_k - t|`` (RCA); the log forms are increasing functions of
+            the margin and of ``-p_k`` that keep their resolution where ``p_k`` rounds to 1
+            in float32.
         confidence: ``p_k``, the probability of the clean prediction ``k`` (the confidence
             whenever the label is kept).
         margin: ``p_k - max_{j != k} p_j`` (negative once the argmax has moved).
@@ -124,19 +126,27 @@ def score(logits: torch.Tensor, k: torch.Tensor, mode: torch.Tensor, target: tor
     logp = z.log_softmax(1)
     logp_k = logp.gather(1, k[:, None]).squeeze(1)
     p_k = logp_k.exp()
-    p_other = logp.scatter(1, k[:, None], -math.inf).amax(1).exp()
-    margin = p_k - p_other
+    logp_rest = logp.scatter(1, k[:, None], -math.inf)
+    logp_other = logp_rest.amax(1)
+    margin = p_k - logp_other.exp()
     keeps = margin > min_margin
+    # UCA minimises the margin; it is compared as -log(1 - margin), where
+    # 1 - margin = sum_{j != k} p_j + max_{j != k} p_j is computed from log-probabilities.
+    # The transform is increasing, so it accepts exactly the candidates the margin would, but
+    # it keeps its resolution where p_k is within float32 rounding of 1: there the margin
+    # itself is exactly 1.0 for every candidate, so a confident sample would never see an
+    # improvement and the random search would stall on that plateau.
+    uca_loss = -torch.logaddexp(logp_rest.logsumexp(1), logp_other)
     only = present[0] if present is not None and len(present) == 1 else None
     if only == MODE_UCA:
-        return Scores(margin, p_k, margin, keeps, margin <= thresholds.uca_margin)
+        return Scores(uca_loss, p_k, margin, keeps, margin <= thresholds.uca_margin)
     if only == MODE_OCA:
         return Scores(-logp_k, p_k, margin, keeps, p_k >= thresholds.oca_confidence)
     distance = (p_k - target.to(p_k.dtype)).abs()
     if only == MODE_RCA:
         return Scores(distance, p_k, margin, keeps, distance <= thresholds.rca_tolerance)
     is_uca, is_oca = mode == MODE_UCA, mode == MODE_OCA
-    loss = torch.where(is_uca, margin, torch.where(is_oca, -logp_k, distance))
+    loss = torch.where(is_uca, uca_loss, torch.where(is_oca, -logp_k, distance))
     success = torch.where(
         is_uca, margin <= thresholds.uca_margin,
         torch.where(is_oca, p_k >= thresholds.oca_confidence,

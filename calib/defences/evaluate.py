@@ -340,6 +340,7 @@ class AttackBudget:
         kinds: attack kinds from :data:`calib.attacks.KINDS`.
         eps_linf, eps_l2: radii of the L-inf and L2 balls ([0, 1] pixel scale).
         square_iterations: queries per image of the black-box attack.
+        square_p_init: initial fraction of pixels a Square Attack window covers.
         pgd_iterations: gradient steps of the white-box attack.
         pgd_alpha: PGD step size (None: the attack's default for its eps).
     """
@@ -349,6 +350,7 @@ class AttackBudget:
     eps_linf: float = 0.1
     eps_l2: float = 1.0
     square_iterations: int = 100
+    square_p_init: float = 0.05
     pgd_iterations: int = 20
     pgd_alpha: float | None = None
 
@@ -363,6 +365,10 @@ class AttackBudget:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
+        p_init = self.square_p_init
+        if isinstance(p_init, bool) or not isinstance(p_init, int | float) \
+                or not 0.0 < p_init <= 1.0:
+            raise ValueError(f"square_p_init must be in (0, 1], got {self.square_p_init!r}")
 
     @classmethod
     def from_strings(cls, settings: str, kinds: str, **budget: Any) -> AttackBudget:
@@ -443,7 +449,7 @@ def evaluate_defence(defended: DefendedModel, images: torch.Tensor, labels: torc
                                        else {"alpha": budget.pgd_alpha})
             iterations = budget.pgd_iterations
         else:
-            options, iterations = {}, budget.square_iterations
+            options, iterations = {"p_init": budget.square_p_init}, budget.square_iterations
         for kind in budget.kinds:
             result = run_attack(defended.model, images, kind=kind, method=method, norm=norm,
                                 eps=eps, iterations=iterations, labels=labels, seed=seed,
