@@ -36,10 +36,20 @@ def atomic_path(path: str | os.PathLike[str], suffix: str | None = None) -> Iter
     tmp = Path(tmp_name)
     try:
         yield tmp
+        if tmp.exists():
+            # mkstemp creates the file private (0600); give it the permissions an ordinary
+            # open() would (0666 less the umask) so readers and other tools can use it.
+            tmp.chmod(0o666 & ~_umask())
         os.replace(tmp, dest)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _to_jsonable(obj: Any) -> Any:

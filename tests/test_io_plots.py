@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import stat
 
 import matplotlib.pyplot as plt
 import pytest
@@ -18,6 +20,15 @@ def test_atomic_path_leaves_nothing_on_failure(tmp_path):
         raise RuntimeError("killed")
     assert not target.exists()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_files_get_ordinary_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        io.write_json(tmp_path / "a.json", {"a": 1})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o644
 
 
 def test_write_json_roundtrip_and_rounding(tmp_path):
