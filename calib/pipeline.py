@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import hashlib
 import json
 import os
 import sys
@@ -59,14 +60,58 @@ def _kernel_available(name: str) -> bool:
     return name in KernelSpecManager().find_kernel_specs()
 
 
+#: Where a stage records that the current params file passed validation (DVC's scratch folder).
+VALIDATED_STAMP = Path(".dvc/tmp/calib-validated-params")
+
+
+def _validation_key(params_file: str | Path) -> str:
+    """Hash of what validation depends on: the params file, calib's sources, timm's version."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    h = hashlib.sha256(Path(params_file).read_bytes())
+    package = Path(__file__).resolve().parent
+    for source in sorted(package.rglob("*.py")):
+        h.update(source.relative_to(package).as_posix().encode())
+        h.update(source.read_bytes())
+    try:
+        h.update(version("timm").encode())
+    except PackageNotFoundError:
+        pass
+    return h.hexdigest()
+
+
+def validate_params_once(params_file: str | Path = "params.yaml") -> None:
+    """Validate ``params_file`` unless an earlier stage already validated the same content.
+
+    Full validation imports torch, torchvision and timm (about 3.5 s on a 2-core CPU); the
+    stages of one ``dvc repro`` all read the same file, so the first validates it and leaves a
+    stamp keyed by the file, calib's sources and timm's version, and the others skip the
+    imports. Without a ``.dvc`` folder (a stage run by hand elsewhere) it always validates.
+    """
+    from calib.config import ConfigError
+
+    if not Path(params_file).exists():
+        raise ConfigError(f"no parameters file at {params_file}")
+    key = _validation_key(params_file)
+    stamp = VALIDATED_STAMP
+    if stamp.exists() and stamp.read_text(encoding="utf-8") == key:
+        return
+    from calib.config import load_params
+
+    load_params(params_file)
+    if stamp.parent.parent.is_dir():  # calib.io would import torch: write it here
+        stamp.parent.mkdir(exist_ok=True)
+        tmp = stamp.with_name(f".{stamp.name}.{os.getpid()}")
+        tmp.write_text(key, encoding="utf-8")
+        os.replace(tmp, stamp)
+
+
 def run_stage(notebook: str, output: str, parameters: dict[str, Any], *,
               params_file: str = "params.yaml", kernel: str = KERNEL_NAME) -> None:
     """Validate configuration and parameters, then execute ``notebook`` into ``output``."""
     import papermill as pm
 
-    from calib.config import load_params
-
-    load_params(params_file)
+    validate_params_once(params_file)
     expected = parameter_names(notebook)
     if sorted(expected) != sorted(parameters):
         missing = sorted(set(expected) - set(parameters))

@@ -85,3 +85,28 @@ def test_committed_params_are_the_default_profile():
 def test_every_profile_validates(profile):
     params = render_profile(profile, ROOT / "profiles")
     assert params["profile"] == profile
+
+
+def test_params_are_validated_once_per_content(tmp_path, monkeypatch):
+    """Stages of one repro skip re-validating an unchanged params file; a change is checked."""
+    import shutil
+
+    from calib import pipeline
+    from calib.config import ConfigError
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".dvc").mkdir()
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    calls = []
+    import calib.config
+
+    real = calib.config.load_params
+    monkeypatch.setattr(calib.config, "load_params", lambda p: calls.append(p) or real(p))
+    pipeline.validate_params_once("params.yaml")
+    pipeline.validate_params_once("params.yaml")
+    assert len(calls) == 1 and pipeline.VALIDATED_STAMP.exists()
+    text = (tmp_path / "params.yaml").read_text().replace("eps_linf: 0.1", "eps_linf: 2.0")
+    (tmp_path / "params.yaml").write_text(text)
+    with pytest.raises(ConfigError, match="attack.eps_linf"):
+        pipeline.validate_params_once("params.yaml")
+    assert len(calls) == 2
