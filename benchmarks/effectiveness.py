@@ -7,11 +7,14 @@ Prints, per model (``models/<name>`` from the training stage):
   boundary is within reach, so an underconfidence attack must be able to get close to it;
 * the average confidence after white-box OCA (target >= 0.97);
 * the black-box L-inf UCA success rate of ``calib.attacks`` against the plain per-sample port of
-  the paper's loop (``paper_loop_baseline.py``) at the same eps and query budget.
+  the paper's loop (``paper_loop_baseline.py``) at the same eps and query budget, both at the
+  pipeline's ``p_init`` and, for the baseline, at the paper's ``p_init = 0.05``; averaged over
+  ``--seeds``.
 
 Usage::
 
-    python benchmarks/effectiveness.py --models resnet vit --eps 0.1 --budget 500
+    python benchmarks/effectiveness.py --models resnet vit --eps 0.1 --budget 500 \
+        --p-init 0.3 --seeds 0 1 2
 """
 
 from __future__ import annotations
@@ -35,6 +38,9 @@ from calib.checks import predict  # noqa: E402
 from calib.defences.training import pgd_linf  # noqa: E402
 from calib.io import read_json  # noqa: E402
 
+#: The paper's (and Square Attack's ImageNet) initial window fraction.
+PAPER_P_INIT = 0.05
+
 
 def margin_of(model: torch.nn.Module, x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
@@ -45,7 +51,7 @@ def margin_of(model: torch.nn.Module, x: torch.Tensor, k: torch.Tensor) -> torch
 
 
 def evaluate(name: str, *, eps: float, budget: int, pgd_steps: int, alpha: float, n: int,
-             seed: int) -> dict[str, float]:
+             seeds: list[int], p_init: float) -> dict[str, float]:
     meta = read_json(ROOT / paths.DATASET_FILE)
     spec = read_json(ROOT / paths.model_dir(name) / "model.json")
     splits = data.load_splits(ROOT / paths.SPLITS_FILE)
@@ -56,7 +62,7 @@ def evaluate(name: str, *, eps: float, budget: int, pgd_steps: int, alpha: float
     with torch.no_grad():
         k = predict(model, images).argmax(-1)
 
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(seeds[0])
     x_pgd = pgd_linf(model, images, k, eps=eps, alpha=eps / 4, steps=50, random_start=True,
                      generator=gen)
     with torch.no_grad():
@@ -64,20 +70,10 @@ def evaluate(name: str, *, eps: float, budget: int, pgd_steps: int, alpha: float
 
     t0 = time.perf_counter()
     uca_wb = run_attack(model, images, kind="uca", method="pgd", eps=eps, iterations=pgd_steps,
-                        alpha=alpha, labels=labels, seed=seed)
+                        alpha=alpha, labels=labels, seed=seeds[0])
     oca_wb = run_attack(model, images, kind="oca", method="pgd", eps=eps, iterations=pgd_steps,
-                        alpha=alpha, labels=labels, seed=seed)
+                        alpha=alpha, labels=labels, seed=seeds[0])
     t_wb = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    uca_bb = run_attack(model, images, kind="uca", method="square", eps=eps, iterations=budget,
-                        labels=labels, seed=seed)
-    t_ours = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    x_base, _ = calibration_attack_linf(model, images.numpy(), eps, budget + 1, seed=seed)
-    t_base = time.perf_counter() - t0
-    base_margin = margin_of(model, torch.as_tensor(x_base, dtype=images.dtype), k)
-
     out = {
         "n": float(len(k)),
         "pgd_flippable": float(flippable.double().mean()),
@@ -85,11 +81,31 @@ def evaluate(name: str, *, eps: float, budget: int, pgd_steps: int, alpha: float
         "uca_whitebox_success_all": float(uca_wb.success.double().mean()),
         "oca_whitebox_confidence_after": float(oca_wb.final_confidence.double().mean()),
         "oca_whitebox_confidence_before": float(oca_wb.clean_confidence.double().mean()),
-        "uca_square_success_calib": float(uca_bb.success.double().mean()),
-        "uca_square_success_paper_loop": float((base_margin <= 0.1).double().mean()),
-        "seconds_whitebox": t_wb, "seconds_square_calib": t_ours,
-        "seconds_square_paper_loop": t_base,
+        "seconds_whitebox": t_wb,
     }
+
+    # Black-box UCA: ours and the paper's loop on the same images, eps and budget, per seed.
+    runs: dict[str, list[float]] = {}
+    baseline_p = {f"paper_loop_p{p_init:g}": p_init, f"paper_loop_p{PAPER_P_INIT:g}": PAPER_P_INIT}
+    for seed in seeds:
+        t0 = time.perf_counter()
+        uca_bb = run_attack(model, images, kind="uca", method="square", eps=eps,
+                            iterations=budget, labels=labels, seed=seed, p_init=p_init)
+        runs.setdefault(f"seconds_calib_p{p_init:g}", []).append(time.perf_counter() - t0)
+        runs.setdefault(f"uca_square_success_calib_p{p_init:g}", []).append(
+            float(uca_bb.success.double().mean()))
+        for label, p in baseline_p.items():
+            t0 = time.perf_counter()
+            x_base, _ = calibration_attack_linf(model, images.numpy(), eps, budget + 1, seed=seed,
+                                                p_init=p)
+            runs.setdefault(f"seconds_{label}", []).append(time.perf_counter() - t0)
+            base_margin = margin_of(model, torch.as_tensor(x_base, dtype=images.dtype), k)
+            runs.setdefault(f"uca_square_success_{label}", []).append(
+                float((base_margin <= 0.1).double().mean()))
+    for key, values in runs.items():
+        out[key] = sum(values) / len(values)
+        if key.startswith("uca_square") and len(values) > 1:
+            print(f"  [{name}] {key} per seed: " + ", ".join(f"{v:.3f}" for v in values))
     return out
 
 
@@ -102,15 +118,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pgd-steps", type=int, default=100)
     parser.add_argument("--alpha", type=float, default=0.04)
     parser.add_argument("--n", type=int, default=500)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--p-init", type=float, default=0.3,
+                        help="initial Square window fraction (attack.square_p_init)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     for name in args.models:
         res = evaluate(name, eps=args.eps, budget=args.budget, pgd_steps=args.pgd_steps,
-                       alpha=args.alpha, n=args.n, seed=args.seed)
-        print(f"== {name} (eps {args.eps}, square budget {args.budget}, "
-              f"PGD {args.pgd_steps} steps, alpha {args.alpha}) ==")
+                       alpha=args.alpha, n=args.n, seeds=args.seeds,
+                       p_init=args.p_init)
+        print(f"== {name} (eps {args.eps}, square budget {args.budget}, p_init {args.p_init}, "
+              f"seeds {args.seeds}, PGD {args.pgd_steps} steps, alpha {args.alpha}) ==")
         for key, value in res.items():
             print(f"  {key:36s} {value:.4f}")
 

@@ -107,6 +107,6 @@ def test_params_are_validated_once_per_content(tmp_path, monkeypatch):
     assert len(calls) == 1 and pipeline.VALIDATED_STAMP.exists()
     text = (tmp_path / "params.yaml").read_text().replace("eps_linf: 0.1", "eps_linf: 2.0")
     (tmp_path / "params.yaml").write_text(text)
-    with pytest.raises(ConfigError, match="attack.eps_linf"):
+    with pytest.raises(ConfigError, match=r"attack\.eps_linf"):
         pipeline.validate_params_once("params.yaml")
     assert len(calls) == 2
