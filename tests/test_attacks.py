@@ -494,3 +494,33 @@ def test_logit_model_does_not_warn() -> None:
         warnings.simplefilter("error")
         run_attack(random_model(0, 1, 3, 5.0), random_images(0, 4, 1, 6), kind="uca",
                    iterations=1)
+
+
+@settings(max_examples=50, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), classes=st.integers(2, 12),
+       scale=st.floats(0.1, 8.0))
+def test_uca_objective_orders_candidates_like_the_margin(seed: int, classes: int,
+                                                        scale: float) -> None:
+    """The UCA loss is an increasing function of the probability margin (SPEC §3)."""
+    from calib.attacks.base import score
+
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(64, classes, generator=gen, dtype=torch.float64) * scale
+    k = logits.argmax(1)
+    mode = torch.full((64,), MODE_UCA, dtype=torch.int8)
+    s = score(logits, k, mode, torch.zeros(64, dtype=torch.float64), Thresholds(), 1e-4,
+              (MODE_UCA,))
+    order = s.margin.argsort()
+    assert bool((s.loss[order].diff() >= -1e-9).all())
+
+
+def test_uca_objective_resolves_confident_samples() -> None:
+    """Where p_k rounds to 1 in float32 the margin is flat; the UCA loss still improves."""
+    from calib.attacks.base import score
+
+    logits = torch.tensor([[0.0, -20.0, -30.0], [0.0, -19.0, -30.0]])  # second: less confident
+    k = torch.zeros(2, dtype=torch.long)
+    mode = torch.full((2,), MODE_UCA, dtype=torch.int8)
+    s = score(logits, k, mode, torch.zeros(2), Thresholds(), 1e-4, (MODE_UCA,))
+    assert s.margin[0] == s.margin[1] == 1.0
+    assert s.loss[1] < s.loss[0]
