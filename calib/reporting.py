@@ -30,7 +30,8 @@ def table1(summaries: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
     """Main results (paper Table 1): per model x setting x attack, before -> after.
 
     Columns: model, setting, attack, accuracy/confidence/ECE/KS before and after, success
-    rate, mean queries over all samples and over successful ones.
+    rate, mean queries over all samples, mean and median queries over successful ones, and
+    the mean L-inf and L2 norms of the perturbations.
     """
     rows = []
     for s in summaries:
@@ -42,6 +43,8 @@ def table1(summaries: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
             "ks_before": s.get("ks_before"), "ks_after": s.get("ks_after"),
             "success_rate": s["success_rate"], "queries_mean": s["queries_mean"],
             "queries_success_mean": s["queries_success_mean"],
+            "queries_success_median": s["queries_success_median"],
+            "linf_mean": s.get("linf_mean"), "l2_mean": s.get("l2_mean"),
         })
     df = pd.DataFrame(rows)
     return _sorted(df)

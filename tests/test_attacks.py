@@ -524,3 +524,16 @@ def test_uca_objective_resolves_confident_samples() -> None:
     s = score(logits, k, mode, torch.zeros(2), Thresholds(), 1e-4, (MODE_UCA,))
     assert s.margin[0] == s.margin[1] == 1.0
     assert s.loss[1] < s.loss[0]
+
+
+def test_table1_reports_queries_and_norms(trained) -> None:
+    from calib import reporting
+
+    model, x, y = trained
+    summary = run_attack(model, x, kind="uca", iterations=10, labels=y).summary()
+    table = reporting.table1([{"model": "m", "setting": "square-linf", **summary}])
+    for column in ("acc_before", "acc_after", "conf_before", "conf_after", "ece_before",
+                   "ece_after", "ks_before", "ks_after", "success_rate", "queries_mean",
+                   "queries_success_mean", "queries_success_median", "linf_mean", "l2_mean"):
+        assert column in table.columns, column
+    assert table.loc[0, "linf_mean"] <= 0.05 + 1e-6
