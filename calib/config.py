@@ -106,6 +106,7 @@ def _check_train(spec: Mapping[str, Any], prefix: str) -> None:
     require_number(_get(spec, "warmup_epochs", prefix), f"{prefix}.warmup_epochs", low=0)
     require_int(_get(spec, "augment_pad", prefix), f"{prefix}.augment_pad", minimum=0)
     require_bool(_get(spec, "augment_flip", prefix), f"{prefix}.augment_flip")
+    require_number(_get(spec, "imbalance_ratio", prefix), f"{prefix}.imbalance_ratio", low=1)
 
 
 def _check_attack(attack: Mapping[str, Any]) -> None:

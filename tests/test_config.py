@@ -38,6 +38,8 @@ def params():
     (("attack", "square_p_init"), 0.0, r"attack\.square_p_init.*\(0, 1\]"),
     (("attack", "square_p_init"), 1.5, r"attack\.square_p_init"),
     (("seed",), -1, r"seed must be >= 0"),
+    (("models", "resnet_lt", "train", "imbalance_ratio"), 0.5,
+     r"models\.resnet_lt\.train\.imbalance_ratio.*\[1, inf\)"),
 ])
 def test_bad_values_name_the_key(params, path, value, pattern):
     bad = copy.deepcopy(params)

@@ -645,3 +645,46 @@ def test_class_counts():
         data.class_counts(torch.tensor([0, 6]), 6)
     with pytest.raises(ValueError, match="num_classes"):
         data.class_counts(torch.tensor([0]), 0)
+
+
+# --------------------------------------------------------------------------------------------
+# Long-tailed training subsets (class imbalance, SPEC §9)
+
+def test_long_tailed_counts_follow_the_exponential_profile():
+    counts = data.long_tailed_counts(torch.tensor([500, 520, 600, 510, 700]), 100)
+    # n_max = 500 (the smallest class); ratio 100 over 4 steps -> x 100 ** (-1/4) per class.
+    assert counts.tolist() == [500, 158, 50, 15, 5]
+    assert data.long_tailed_counts(torch.tensor([7, 9]), 1).tolist() == [7, 7]
+
+
+@settings(max_examples=40, deadline=None)
+@given(k=st.integers(2, 6), per_class=st.integers(5, 40),
+       ratio=st.floats(1.0, 50.0), seed=st.integers(0, 2**31 - 1))
+def test_long_tailed_subset_sizes_membership_and_seeding(k, per_class, ratio, seed):
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.arange(k).repeat_interleave(per_class)
+    perm = torch.randperm(labels.numel(), generator=gen)
+    labels = labels[perm]
+    indices = torch.arange(1000, 1000 + labels.numel())
+    kept = data.long_tailed_subset(indices, labels, imbalance_ratio=ratio, num_classes=k,
+                                   seed=seed)
+    expected = data.long_tailed_counts(torch.full((k,), per_class), ratio)
+    kept_labels = labels[kept - 1000]
+    assert data.class_counts(kept_labels, k).tolist() == expected.tolist()
+    assert bool((kept[1:] > kept[:-1]).all())            # sorted, no duplicates
+    assert set(kept.tolist()) <= set(indices.tolist())
+    again = data.long_tailed_subset(indices, labels, imbalance_ratio=ratio, num_classes=k,
+                                    seed=seed)
+    assert torch.equal(kept, again)
+    counts = data.class_counts(kept_labels, k)
+    assert bool((counts[:-1] >= counts[1:]).all())      # head first, tail last
+
+
+def test_long_tailed_subset_rejects_bad_ratio_and_shapes():
+    labels = torch.tensor([0, 1, 0, 1])
+    with pytest.raises(ValueError, match="imbalance_ratio"):
+        data.long_tailed_subset(torch.arange(4), labels, imbalance_ratio=0.5, num_classes=2,
+                                seed=0)
+    with pytest.raises(ValueError, match="differ in length"):
+        data.long_tailed_subset(torch.arange(3), labels, imbalance_ratio=2, num_classes=2,
+                                seed=0)
