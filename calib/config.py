@@ -106,14 +106,16 @@ def _check_train(spec: Mapping[str, Any], prefix: str) -> None:
     require_number(_get(spec, "warmup_epochs", prefix), f"{prefix}.warmup_epochs", low=0)
     require_int(_get(spec, "augment_pad", prefix), f"{prefix}.augment_pad", minimum=0)
     require_bool(_get(spec, "augment_flip", prefix), f"{prefix}.augment_flip")
-    require_number(_get(spec, "imbalance_ratio", prefix), f"{prefix}.imbalance_ratio", low=1)
+
+
+#: The method-norm pairs the attack stage runs.
+ATTACK_SETTINGS = ("square-linf", "square-l2", "pgd-linf")
 
 
 def _check_attack(attack: Mapping[str, Any]) -> None:
     from calib.attacks import KINDS
 
-    allowed_settings = ("square-linf", "square-l2", "pgd-linf")
-    for key, allowed in (("settings", allowed_settings), ("kinds", KINDS)):
+    for key, allowed in (("settings", ATTACK_SETTINGS), ("kinds", KINDS)):
         value = _get(attack, key, "attack")
         items = [v.strip() for v in str(value).split(",") if v.strip()]
         if not items:
@@ -221,12 +223,53 @@ def _check_defend(defend: Mapping[str, Any], params: Mapping[str, Any]) -> None:
             raise ConfigError(f"{prefix}: {err}") from None
 
 
+def _check_sweep(params: Mapping[str, Any]) -> None:
+    from calib.analysis.sweeps import check_sweep_params
+
+    check_sweep_params(params)
+
+
+def _check_analysis(analysis: Mapping[str, Any], params: Mapping[str, Any]) -> None:
+    if not isinstance(analysis, Mapping):
+        raise ConfigError("analysis must be a mapping (models, setting, representations, ...)")
+    names = list(params["models"])
+    attacked = _comma_items(params["attack"]["settings"], "attack.settings", ATTACK_SETTINGS)
+    _name_list(_get(analysis, "models", "analysis"), "analysis.models", names)
+    require_choice(_get(analysis, "setting", "analysis"), attacked, "analysis.setting")
+    rep = _get(analysis, "representations", "analysis")
+    require_int(_get(rep, "n_fit", "analysis.representations"), "analysis.representations.n_fit",
+                minimum=10)
+    require_int(_get(rep, "n_arrows", "analysis.representations"),
+                "analysis.representations.n_arrows", minimum=1)
+    sal = _get(analysis, "saliency", "analysis")
+    require_int(_get(sal, "n_examples", "analysis.saliency"), "analysis.saliency.n_examples",
+                minimum=1)
+    require_number(_get(sal, "top_fraction", "analysis.saliency"),
+                   "analysis.saliency.top_fraction", low=0, high=1, low_open=True)
+    det = _get(analysis, "detection", "analysis")
+    require_choice(_get(det, "model", "analysis.detection"), names, "analysis.detection.model")
+    n_fit = _get(det, "n_fit", "analysis.detection")
+    require_int(n_fit, "analysis.detection.n_fit", minimum=10)
+    require_int(_get(det, "lid_k", "analysis.detection"), "analysis.detection.lid_k", minimum=2)
+    if det["lid_k"] >= n_fit:
+        raise ConfigError(f"analysis.detection.lid_k = {det['lid_k']} must be below "
+                          f"analysis.detection.n_fit = {n_fit}")
+    claims = _get(analysis, "claims", "analysis")
+    _comma_items(_get(claims, "main_models", "analysis.claims"), "analysis.claims.main_models",
+                 names)
+    require_choice(_get(claims, "defence_model", "analysis.claims"), params["defend"]["models"],
+                   "analysis.claims.defence_model")
+    require_choice(_get(claims, "setting", "analysis.claims"), attacked, "analysis.claims.setting")
+
+
 #: section name -> checker(params) ; each reads what it needs from the whole mapping.
 SECTION_CHECKS: dict[str, Callable[[Mapping[str, Any]], None]] = {
     "data": lambda p: _check_data(p["data"]),
     "models": lambda p: _check_models(p["models"]),
     "attack": lambda p: _check_attack(p["attack"]),
     "defend": lambda p: _check_defend(p["defend"], p),
+    "sweep": lambda p: _check_sweep(p),
+    "analysis": lambda p: _check_analysis(p["analysis"], p),
 }
 
 

@@ -38,8 +38,13 @@ def params():
     (("attack", "square_p_init"), 0.0, r"attack\.square_p_init.*\(0, 1\]"),
     (("attack", "square_p_init"), 1.5, r"attack\.square_p_init"),
     (("seed",), -1, r"seed must be >= 0"),
-    (("models", "resnet_lt", "train", "imbalance_ratio"), 0.5,
-     r"models\.resnet_lt\.train\.imbalance_ratio.*\[1, inf\)"),
+    (("sweep", "eps"), [0.05, 1.5], r"sweep\.eps"),
+    (("sweep", "models"), ["resnet", "densenet"], r"sweep\.models item 'densenet'"),
+    (("analysis", "models"), ["convnext"], r"analysis\.models.*convnext"),
+    (("analysis", "setting"), "pgd-l2", r"analysis\.setting.*'square-linf'"),
+    (("analysis", "representations", "n_fit"), 0, r"analysis\.representations\.n_fit"),
+    (("analysis", "saliency", "top_fraction"), 1.5, r"analysis\.saliency\.top_fraction"),
+    (("analysis", "claims", "defence_model"), "vit", r"analysis\.claims\.defence_model"),
 ])
 def test_bad_values_name_the_key(params, path, value, pattern):
     bad = copy.deepcopy(params)

@@ -1,0 +1,724 @@
+"""Paper Fig. 2: calibration damage against the perturbation budget eps and the query budget.
+
+Paper: Obadinma, Zhu, Guo, "Calibration Attacks" (TMLR; arXiv:2401.02718), Fig. 2 (ECE against
+eps and against the number of attack iterations); SPEC §4 and §9.
+
+Two curves, obtained differently:
+
+* **against eps**: one DVC stage per (model, eps) (a ``matrix`` in ``dvc.yaml``) runs every
+  attack (:func:`run_sweep_point`) at that eps on a prefix of the attack split and writes one
+  JSON file, ``results/<model>/sweep/eps_<eps>.json`` (:func:`sweep_file`);
+  :func:`collect_sweep` gathers the files of a model into one tidy table.
+* **against the query budget**: no re-running. Every attack records its per-iteration history
+  (:class:`calib.attacks.AttackHistory`), so row t of one run is the outcome had the budget been
+  t + 1 queries. :func:`curve_frame` turns runs into the long table the attack stage writes as
+  ``results/<model>/attack_curves.csv``.
+
+:func:`eps_table` and :func:`query_table` pivot both into wide tables (one column per attack
+kind) that ``dvc plots`` draws directly, and :func:`sweep_figure` draws the paper-style figure.
+
+Eps names: a file or DVC matrix key names eps by Python's shortest round-tripping ``repr`` of
+the float (:func:`format_eps`: 0.05 -> "0.05", 1e-05 -> "1e-05"). That is exactly how DVC renders
+``${item.eps}`` into paths and keys, so the notebook, ``dvc.yaml`` and the files agree; the name
+uses only digits, ".", "e" and "-", so it is filesystem-safe, and :func:`parse_eps` inverts it
+exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import torch
+from matplotlib.figure import Figure
+from torch import nn
+
+from calib import paths
+from calib.attacks import KINDS, AttackResult, run_attack
+from calib.checks import check_choice, check_eps, check_images, check_labels
+from calib.io import read_json
+from calib.plots import ATTACK_COLOURS, PALETTE, use_style
+from calib.reporting import KIND_ORDER
+
+__all__ = [
+    "CLEAN_METRICS",
+    "METRICS",
+    "PAPER_EPS",
+    "SWEEP_SETTINGS",
+    "SweepBudget",
+    "budget_config",
+    "check_sweep_params",
+    "collect_sweep",
+    "cross_check",
+    "curve_frame",
+    "eps_from_path",
+    "eps_table",
+    "findings",
+    "format_eps",
+    "parse_eps",
+    "parse_list",
+    "query_table",
+    "run_sweep_point",
+    "saturation_queries",
+    "split_matrix_key",
+    "sweep_dir",
+    "sweep_figure",
+    "sweep_file",
+    "sweep_record",
+]
+
+#: Settings "method-norm" swept over eps. L-inf only: one eps grid on the [0, 1] pixel scale
+#: cannot serve the L2 ball, whose radius lives on another scale.
+SWEEP_SETTINGS: tuple[str, ...] = ("square-linf", "pgd-linf")
+
+#: The paper's default L-inf radius (224-px RGB images), marked on the eps axis for reference.
+PAPER_EPS: float = 0.05
+
+#: Metrics a sweep table holds per (eps, setting, kind), as named in the tidy table.
+METRICS: tuple[str, ...] = ("ece", "ks", "confidence", "accuracy", "success_rate")
+
+#: The metrics that have a clean (before-attack) level; the figure's rows.
+CLEAN_METRICS: tuple[str, ...] = ("ece", "ks", "confidence")
+
+_FILE_PREFIX = "eps_"
+_FILE_SUFFIX = ".json"
+#: A positive float as ``repr`` writes it (no sign, no "inf"/"nan"), e.g. 0.05, 1e-05, 1.5e-05:
+#: always with a "." or an exponent, so "<model>-<eps>" splits in exactly one way.
+_EPS_PATTERN = r"(?:\d+\.\d+(?:e-\d+)?|\de-\d+)"
+_KEY_RE = re.compile(rf"^(?P<model>.+?)-(?P<eps>{_EPS_PATTERN})$")
+#: Clean values of two sweep files must agree to this tolerance (JSON keeps 6 digits).
+_CLEAN_ATOL = 1e-5
+_CURVE_LABELS = {"ece": "ECE", "ks": "KS error", "confidence": "average confidence",
+                 "accuracy": "accuracy", "success_rate": "success rate"}
+
+
+# --- eps names ---------------------------------------------------------------------------------
+
+def format_eps(eps: float) -> str:
+    """The canonical name of an L-inf radius eps in (0, 1]: Python's ``repr`` of the float.
+
+    It is what DVC writes for ``${item.eps}``, so ``eps_${item.eps}.json`` in ``dvc.yaml``
+    names the same file as :func:`sweep_file`.
+
+    Raises:
+        ValueError: eps not a number in (0, 1] (the message names ``eps``).
+    """
+    if isinstance(eps, np.floating):
+        eps = float(eps)
+    return repr(check_eps(eps, "linf"))
+
+
+def parse_eps(text: str) -> float:
+    """Invert :func:`format_eps`: "0.05" -> 0.05, exactly.
+
+    Only canonical names are accepted ("0.050" or "5e-2" are not), so one eps has one name.
+
+    Raises:
+        ValueError: ``text`` is not the canonical name of an eps in (0, 1].
+    """
+    if not isinstance(text, str) or not re.fullmatch(_EPS_PATTERN, text):
+        raise ValueError(f"eps name must be a positive decimal like '0.05', got {text!r}")
+    eps = float(text)
+    canonical = format_eps(eps)
+    if canonical != text:
+        raise ValueError(f"eps name {text!r} is not canonical; write it as {canonical!r} "
+                         f"(a float in params.yaml, e.g. 1.0 rather than 1)")
+    return eps
+
+
+def split_matrix_key(key: str) -> tuple[str, float]:
+    """Split a sweep stage's DVC matrix key "<model>-<eps>" into (model, eps).
+
+    DVC joins the matrix values with "-"; the eps part is the shortest canonical eps name at
+    the end, so model names may contain "-" themselves.
+
+    Raises:
+        ValueError: the key does not look like "<model>-<eps>" with a canonical eps name.
+    """
+    match = _KEY_RE.match(str(key))
+    if match is None:
+        raise ValueError(f"model_eps must look like '<model>-<eps>' (e.g. 'resnet-0.05'), "
+                         f"got {key!r}")
+    return match["model"], parse_eps(match["eps"])
+
+
+def sweep_dir(model_name: str, root: str | os.PathLike[str] = paths.RESULTS) -> Path:
+    """Folder of one model's sweep files: ``<root>/<model>/sweep``."""
+    return Path(root) / model_name / "sweep"
+
+
+def sweep_file(model_name: str, eps: float, root: str | os.PathLike[str] = paths.RESULTS
+               ) -> Path:
+    """The file of one (model, eps) sweep stage: ``<root>/<model>/sweep/eps_<eps>.json``."""
+    return sweep_dir(model_name, root) / f"{_FILE_PREFIX}{format_eps(eps)}{_FILE_SUFFIX}"
+
+
+def eps_from_path(path: str | os.PathLike[str]) -> float:
+    """The eps a sweep file is named after (inverse of :func:`sweep_file`)."""
+    name = Path(path).name
+    if not (name.startswith(_FILE_PREFIX) and name.endswith(_FILE_SUFFIX)):
+        raise ValueError(f"sweep file names look like 'eps_0.05.json', got {name!r}")
+    return parse_eps(name[len(_FILE_PREFIX):-len(_FILE_SUFFIX)])
+
+
+def parse_list(name: str, value: str | Sequence[str], allowed: Sequence[str]) -> list[str]:
+    """A comma-separated string (or a sequence) of choices -> list, each one checked.
+
+    Raises:
+        ValueError: empty, a duplicate, or an item not in ``allowed`` (naming ``name``).
+    """
+    items = [v.strip() for v in value.split(",")] if isinstance(value, str) else list(value)
+    items = [v for v in items if v]
+    if not items:
+        raise ValueError(f"{name} is empty; choose from {list(allowed)}")
+    for item in items:
+        check_choice(name, item, allowed)
+    if len(set(items)) != len(items):
+        raise ValueError(f"{name} lists an item more than once: {items}")
+    return items
+
+
+# --- running one sweep point --------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SweepBudget:
+    """Attack budget of a sweep point; the PGD step scales with eps.
+
+    Attributes:
+        square_iterations: Square Attack queries per image (besides the clean one).
+        square_p_init: Square Attack's initial window fraction.
+        pgd_iterations: PGD gradient steps.
+        pgd_alpha_fraction: PGD step = this x eps (the attack stage's 0.04 at eps 0.1 is 0.4;
+            the paper's 5/255 at eps 0.05 is 0.39), so every eps gets the same number of
+            steps across its ball.
+    """
+
+    square_iterations: int = 500
+    square_p_init: float = 0.3
+    pgd_iterations: int = 20
+    pgd_alpha_fraction: float = 0.4
+
+    def __post_init__(self) -> None:
+        for name in ("square_iterations", "pgd_iterations"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        for name, high in (("square_p_init", 1.0), ("pgd_alpha_fraction", 2.0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) \
+                    or not 0.0 < float(value) <= high:
+                raise ValueError(f"{name} must be a number in (0, {high}], got {value!r}")
+
+    def attack_arguments(self, setting: str, eps: float) -> dict[str, Any]:
+        """Keyword arguments of :func:`calib.attacks.run_attack` for ``setting`` at ``eps``."""
+        check_choice("settings", setting, SWEEP_SETTINGS)
+        method, norm = setting.split("-")
+        if method == "pgd":
+            return {"method": method, "norm": norm, "eps": eps,
+                    "iterations": self.pgd_iterations, "alpha": self.pgd_alpha_fraction * eps}
+        return {"method": method, "norm": norm, "eps": eps,
+                "iterations": self.square_iterations, "p_init": self.square_p_init}
+
+
+def run_sweep_point(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
+                    eps: float, settings: str | Sequence[str] = SWEEP_SETTINGS,
+                    kinds: str | Sequence[str] = KINDS, budget: SweepBudget | None = None,
+                    seed: int = 0, show_progress: bool = False) -> list[dict[str, Any]]:
+    """Run every (setting, kind) attack at one eps; one summary row per run.
+
+    Args:
+        model: classifier mapping images in [0, 1] to logits (N, K).
+        images: (N, C, H, W) images in [0, 1] on the model's device.
+        labels: (N,) true labels (MMA needs them; ECE and KS use them).
+        eps: L-inf radius in (0, 1].
+        settings: subset of :data:`SWEEP_SETTINGS` (list or comma-separated string).
+        kinds: subset of :data:`calib.attacks.KINDS` (list or comma-separated string).
+        budget: iterations and step sizes (default :class:`SweepBudget`).
+        seed: seed of every run (the same for all, as in the attack stage).
+        show_progress: tqdm bars.
+
+    Returns:
+        Rows ``{"setting", **AttackResult.summary(labels)}`` in settings x kinds order; each
+        has accuracy, confidence, ECE and KS before and after, success rate and queries.
+
+    Raises:
+        ValueError: bad eps, settings or kinds (naming the argument), before any attack runs.
+    """
+    eps = check_eps(eps, "linf")
+    setting_list = parse_list("settings", settings, SWEEP_SETTINGS)
+    kind_list = parse_list("kinds", kinds, KINDS)
+    check_images(images)
+    check_labels(labels, images.shape[0])
+    budget = budget if budget is not None else SweepBudget()
+    rows = []
+    for setting in setting_list:
+        arguments = budget.attack_arguments(setting, eps)
+        for kind in kind_list:
+            result = run_attack(model, images, kind=kind, labels=labels, seed=seed,
+                                show_progress=show_progress, **arguments)
+            rows.append({"setting": setting, **result.summary(labels)})
+    return rows
+
+
+def sweep_record(model_name: str, eps: float, rows: Sequence[Mapping[str, Any]], *,
+                 config: Mapping[str, Any], environment: Mapping[str, Any] | None = None
+                 ) -> dict[str, Any]:
+    """The JSON content of one sweep file: rows, the clean level, and what produced them.
+
+    Args:
+        model_name: the model's name.
+        eps: the radius every row was attacked at.
+        rows: :func:`run_sweep_point` rows (all with labels, so ECE/KS are present).
+        config: the settings that must match across the files of one sweep (budget, seed,
+            number of images, settings, kinds); :func:`collect_sweep` checks them.
+        environment: :func:`calib.io.environment_info` output.
+
+    Raises:
+        ValueError: no rows, a row at another eps, or rows that disagree on the clean level.
+    """
+    if not rows:
+        raise ValueError("rows is empty: run at least one attack")
+    fmt = format_eps(eps)
+    clean: dict[str, float] = {}
+    for row in rows:
+        if format_eps(row["eps"]) != fmt:
+            raise ValueError(f"rows holds eps {row['eps']} in a file for eps {eps}")
+        for metric in ("accuracy", "confidence", "ece", "ks"):
+            value = float(row[f"{metric}_before"])
+            if metric in clean and abs(clean[metric] - value) > _CLEAN_ATOL:
+                raise ValueError(f"rows disagree on the clean {metric} ({clean[metric]} vs "
+                                 f"{value}): were they run on the same images?")
+            clean.setdefault(metric, value)
+    return {"model": model_name, "eps": float(eps), "eps_name": fmt, "n": int(rows[0]["n"]),
+            "clean": clean, "config": dict(config), "rows": [dict(r) for r in rows],
+            "environment": dict(environment or {})}
+
+
+# --- collecting and tabulating ------------------------------------------------------------------
+
+def collect_sweep(folder: str | os.PathLike[str]) -> pd.DataFrame:
+    """Read every ``eps_*.json`` of one model's sweep folder into a tidy table.
+
+    The files must come from one sweep: the same model, configuration (budget, seed, images,
+    settings, kinds) and clean level. A stale file left by an older grid with other settings
+    therefore fails loudly instead of mixing into the curve.
+
+    Returns:
+        One row per (eps, setting, kind), sorted by setting, kind, eps, with columns model,
+        setting, kind, eps, n, iterations, the post-attack ``accuracy``, ``confidence``,
+        ``ece``, ``ks``, ``success_rate``, ``queries_mean``, ``queries_success_mean``,
+        ``label_preserved``, ``linf_max``, and the clean level ``clean_accuracy``,
+        ``clean_confidence``, ``clean_ece``, ``clean_ks``.
+
+    Raises:
+        FileNotFoundError: no folder or no sweep file in it.
+        ValueError: a misnamed file, or files that disagree (naming the file).
+    """
+    folder = Path(folder)
+    files = sorted(folder.glob(f"{_FILE_PREFIX}*{_FILE_SUFFIX}")) if folder.is_dir() else []
+    if not files:
+        raise FileNotFoundError(f"no sweep files eps_*.json in {folder} (run the sweep stages)")
+    reference: tuple[Path, dict[str, Any]] | None = None
+    out = []
+    for path in files:
+        record = read_json(path)
+        eps = eps_from_path(path)
+        if format_eps(record["eps"]) != format_eps(eps):
+            raise ValueError(f"{path}: holds eps {record['eps']} but is named for eps {eps}")
+        if reference is None:
+            reference = (path, record)
+        else:
+            _check_same_sweep(reference, (path, record))
+        clean = record["clean"]
+        for row in record["rows"]:
+            out.append({
+                "model": record["model"], "setting": row["setting"], "kind": row["kind"],
+                "eps": eps, "n": row["n"], "iterations": row["iterations"],
+                "accuracy": row["accuracy_after"], "confidence": row["confidence_after"],
+                "ece": row["ece_after"], "ks": row["ks_after"],
+                "success_rate": row["success_rate"], "queries_mean": row["queries_mean"],
+                "queries_success_mean": row["queries_success_mean"],
+                "label_preserved": row["label_preserved"], "linf_max": row["linf_max"],
+                **{f"clean_{m}": clean[m] for m in ("accuracy", "confidence", "ece", "ks")},
+            })
+    tidy = pd.DataFrame(out)
+    return _sort(tidy, "eps").reset_index(drop=True)
+
+
+def _check_same_sweep(reference: tuple[Path, Mapping[str, Any]],
+                      other: tuple[Path, Mapping[str, Any]]) -> None:
+    (ref_path, ref), (path, rec) = reference, other
+    if rec["model"] != ref["model"]:
+        raise ValueError(f"{path}: model {rec['model']!r} differs from {ref['model']!r} in "
+                         f"{ref_path}")
+    if rec["config"] != ref["config"]:
+        diff = sorted(k for k in set(rec["config"]) | set(ref["config"])
+                      if rec["config"].get(k) != ref["config"].get(k))
+        raise ValueError(f"{path}: sweep configuration differs from {ref_path} in {diff}; "
+                         f"a stale file from another sweep? Rerun or delete it")
+    for metric, value in ref["clean"].items():
+        if abs(float(rec["clean"][metric]) - float(value)) > _CLEAN_ATOL:
+            raise ValueError(f"{path}: clean {metric} {rec['clean'][metric]} differs from "
+                             f"{value} in {ref_path}; was the model retrained since?")
+
+
+def _sort(df: pd.DataFrame, x: str) -> pd.DataFrame:
+    order = {k: i for i, k in enumerate(KIND_ORDER)}
+    settings = {s: i for i, s in enumerate(dict.fromkeys(df["setting"]))}
+    key = df["setting"].map(settings) * 100 + df["kind"].map(lambda k: order.get(k, 99))
+    return df.assign(_key=key).sort_values(["_key", x], kind="stable").drop(columns="_key")
+
+
+def _wide(part: pd.DataFrame, x: str, metric: str) -> pd.DataFrame:
+    kinds = [k for k in KIND_ORDER if k in set(part["kind"])]
+    kinds += [k for k in dict.fromkeys(part["kind"]) if k not in kinds]
+    wide = part.pivot_table(index=x, columns="kind", values=metric, aggfunc="first")
+    wide = wide.reindex(columns=kinds).sort_index()
+    wide.columns.name = None
+    return wide
+
+
+def eps_table(tidy: pd.DataFrame, setting: str, metric: str = "ece") -> pd.DataFrame:
+    """Wide table of one metric against eps for one setting (for ``dvc plots``).
+
+    Args:
+        tidy: :func:`collect_sweep` output (one model).
+        setting: e.g. "square-linf".
+        metric: one of :data:`METRICS`.
+
+    Returns:
+        Columns ``eps``, ``clean`` (for ece, ks, confidence, accuracy) and one column per
+        attack kind (uca, oca, mma, rca order), one row per eps, eps increasing.
+    """
+    check_choice("metric", metric, METRICS)
+    part = _one_setting(tidy, setting)
+    wide = _wide(part, "eps", metric)
+    if f"clean_{metric}" in part:
+        wide.insert(0, "clean", part.groupby("eps")[f"clean_{metric}"].first())
+    return wide.reset_index()
+
+
+def query_table(curves: pd.DataFrame, setting: str, metric: str = "ece") -> pd.DataFrame:
+    """Wide table of one metric against the query budget for one setting (for ``dvc plots``).
+
+    Args:
+        curves: long curve table (:func:`curve_frame`, or the attack stage's
+            ``attack_curves.csv``) of one model: columns setting, kind, queries and the
+            metric.
+        setting: e.g. "square-linf".
+        metric: "ece", "ks", "confidence" or "success_rate".
+
+    Returns:
+        Columns ``queries``, ``clean`` (the budget-1 value, i.e. before any attack query; not
+        for success_rate) and one column per kind, one row per budget, queries increasing.
+    """
+    check_choice("metric", metric, ("ece", "ks", "confidence", "success_rate"))
+    part = _one_setting(curves, setting)
+    wide = _wide(part, "queries", metric)
+    if metric != "success_rate":
+        first = part[part["queries"] == part["queries"].min()]
+        wide.insert(0, "clean", float(first[metric].mean()))
+    return wide.reset_index()
+
+
+def _one_setting(df: pd.DataFrame, setting: str) -> pd.DataFrame:
+    if "model" in df and df["model"].nunique() > 1:
+        raise ValueError(f"the table holds several models {sorted(df['model'].unique())}; "
+                         f"pass one model's rows")
+    available = list(dict.fromkeys(df["setting"]))
+    check_choice("setting", setting, available)
+    return df[df["setting"] == setting]
+
+
+def curve_frame(results: Mapping[tuple[str, str], AttackResult], labels: torch.Tensor | None,
+                *, model_name: str, points: int | None = 60) -> pd.DataFrame:
+    """Metrics against the query budget from the runs' histories (no re-running).
+
+    Args:
+        results: (setting, kind) -> the run.
+        labels: (N,) true labels (None: those given to the attacks).
+        model_name: written in the ``model`` column.
+        points: budgets kept per run (about evenly spaced; None: every iteration). The first
+            (budget 1 = clean) and the last (the run's full budget) are always kept.
+
+    Returns:
+        Long table with columns model, setting, kind, queries, queries_mean, confidence,
+        success_rate, ece, ks (the format of the attack stage's ``attack_curves.csv``). The last
+        row of each run equals its :meth:`~calib.attacks.AttackResult.summary` after-values.
+    """
+    if not results:
+        raise ValueError("results is empty")
+    frames = []
+    for (setting, kind), result in results.items():
+        curve = result.curve(labels, points=points)
+        frames.append(pd.DataFrame({"model": model_name, "setting": setting, "kind": kind,
+                                    **curve}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def cross_check(tidy: pd.DataFrame, curves: pd.DataFrame, eps: float, *,
+                metric: str = "ece") -> pd.DataFrame:
+    """Compare the sweep at ``eps`` with the query curves measured at the same eps.
+
+    The sweep point ran with a budget of ``iterations`` per image; the curve's value at that
+    budget (its last point within it) is what the longer run had reached by then. For PGD the
+    two are the same run cut short (the curve at budget b *is* a b-step run, up to the image
+    sets); for Square Attack the window schedule is rescaled to the whole budget, so a short
+    run shrinks its windows sooner and the two may differ.
+
+    Returns:
+        One row per (setting, kind) of the sweep at ``eps``: ``sweep`` (the sweep's value),
+        ``budget`` (its queries per image), ``curve_queries`` and ``curve`` (the curve's point
+        at that budget), ``curve_final`` (the curve's value at its full budget).
+
+    Raises:
+        ValueError: ``eps`` is not on the sweep grid.
+    """
+    at = tidy[np.isclose(tidy["eps"], eps, rtol=0.0, atol=1e-12)]
+    if at.empty:
+        raise ValueError(f"eps {eps} is not on the sweep grid {sorted(set(tidy['eps']))}")
+    rows = []
+    for _, r in at.iterrows():
+        run = curves[(curves["setting"] == r["setting"]) & (curves["kind"] == r["kind"])]
+        if run.empty:
+            continue
+        run = run.sort_values("queries")
+        q = run["queries"].to_numpy(dtype=np.float64)
+        budget = float(r["iterations"]) + 1.0
+        i = max(0, int(np.searchsorted(q, budget, side="right")) - 1)
+        rows.append({"setting": r["setting"], "kind": r["kind"], "sweep": r[metric],
+                     "budget": budget, "curve_queries": q[i],
+                     "curve": float(run[metric].iloc[i]),
+                     "curve_final": float(run[metric].iloc[-1])})
+    return pd.DataFrame(rows)
+
+
+def saturation_queries(curves: pd.DataFrame, setting: str, *, metric: str = "ece",
+                       fraction: float = 0.9) -> dict[str, float]:
+    """Per kind, the smallest budget at which ``fraction`` of the final change is reached.
+
+    With v(q) the metric at budget q, v(1) the clean value and v(Q) the value at the full
+    budget, the answer is the smallest q with ``|v(q) - v(1)| >= fraction * |v(Q) - v(1)|``
+    (1 when the run changed nothing). It reads "how early does the damage saturate".
+
+    Args:
+        curves: long curve table of one model (:func:`curve_frame` format).
+        setting: e.g. "square-linf".
+        metric: a curve column (e.g. "ece", "ks", "confidence").
+        fraction: in (0, 1].
+
+    Returns:
+        kind -> queries, in the order of :data:`calib.reporting.KIND_ORDER`.
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    part = _one_setting(curves, setting)
+    out = {}
+    for kind in [k for k in KIND_ORDER if k in set(part["kind"])]:
+        run = part[part["kind"] == kind].sort_values("queries")
+        q = run["queries"].to_numpy(dtype=np.float64)
+        v = run[metric].to_numpy(dtype=np.float64)
+        change = np.abs(v - v[0])
+        reached = change >= fraction * change[-1] - 1e-12
+        out[kind] = float(q[np.argmax(reached)])
+    return out
+
+
+def findings(tidy: pd.DataFrame, curves: pd.DataFrame | None, *,
+             paper_eps: float = PAPER_EPS) -> list[str]:
+    """Plain-language statements read off the sweep (for the notebook's narrative).
+
+    Per setting: the ECE range over the attacks at the smallest and largest eps against the
+    clean ECE, for how many attacks ECE grows monotonically with eps, where ``paper_eps`` sits
+    (if it is on the grid), and with ``curves``, the budget by which 90% of each attack's final
+    ECE change is reached.
+    """
+    lines = []
+    for setting in dict.fromkeys(tidy["setting"]):
+        wide = eps_table(tidy, setting, "ece")
+        kinds = [c for c in wide.columns if c not in ("eps", "clean")]
+        lo, hi = wide.iloc[0], wide.iloc[-1]
+        clean = float(wide["clean"].iloc[0])
+        text = (f"{setting}: ECE {clean:.3f} clean; {min(lo[kinds]):.3f}-{max(lo[kinds]):.3f} "
+                f"across the attacks at eps {format_eps(lo['eps'])}")
+        if len(wide) > 1:
+            text += (f", {min(hi[kinds]):.3f}-{max(hi[kinds]):.3f} at eps "
+                     f"{format_eps(hi['eps'])}")
+        lines.append(text + ".")
+        if len(wide) > 1:
+            rising = [k.upper() for k in kinds if np.all(np.diff(wide[k]) >= -1e-9)]
+            lines.append(f"{setting}: ECE grows monotonically with eps for "
+                         f"{len(rising)} of {len(kinds)} attacks"
+                         f"{' (' + ', '.join(rising) + ')' if rising else ''}.")
+        at = wide[np.isclose(wide["eps"], paper_eps)]
+        if len(at) and len(wide) > 1:
+            share = [(at[k].item() - clean) / (hi[k] - clean) for k in kinds
+                     if abs(hi[k] - clean) > 1e-9]
+            if share:
+                lines.append(
+                    f"{setting}: at the paper's eps {format_eps(paper_eps)} the attacks reach "
+                    f"{min(share):.0%}-{max(share):.0%} of the ECE rise they reach at eps "
+                    f"{format_eps(hi['eps'])}.")
+        if curves is not None and setting in set(curves["setting"]):
+            sat = saturation_queries(curves, setting)
+            budget = float(_one_setting(curves, setting)["queries"].max())
+            unit = "gradient steps + 1" if setting.startswith("pgd") else "queries"
+            lines.append(f"{setting}: 90% of the final ECE change is reached after "
+                         + ", ".join(f"{q:.0f} ({k.upper()})" for k, q in sat.items())
+                         + f" {unit}, of a budget of {budget:.0f}.")
+    return lines
+
+
+# --- figure -------------------------------------------------------------------------------------
+
+def sweep_figure(tidy: pd.DataFrame, curves: pd.DataFrame | None, *,
+                 settings: Sequence[str] | None = None,
+                 metrics: Sequence[str] = CLEAN_METRICS,
+                 eps_marks: Mapping[str, float] | None = None,
+                 title: str | None = None) -> Figure:
+    """The paper's Fig. 2: each metric against eps and against the query budget.
+
+    Rows are the metrics (default ECE, KS, average confidence); for each setting, one column
+    against eps (from the sweep) and, when ``curves`` is given, one against the query budget
+    (from the attack histories). One line per attack kind in :data:`calib.plots.ATTACK_COLOURS`;
+    the clean level is a dashed line.
+
+    Args:
+        tidy: :func:`collect_sweep` output of one model.
+        curves: the attack stage's long curve table of the same model, or None.
+        settings: settings to draw (default: those in ``tidy``, in order).
+        metrics: rows, each in :data:`CLEAN_METRICS`.
+        eps_marks: label -> eps drawn as a dotted vertical line on the eps axes (e.g. the
+            paper's 0.05 and the eps of the query curves).
+        title: figure title.
+    """
+    if tidy.empty:
+        raise ValueError("tidy is empty: nothing to plot")
+    for metric in metrics:
+        check_choice("metrics", metric, CLEAN_METRICS)
+    settings = list(settings) if settings is not None else list(dict.fromkeys(tidy["setting"]))
+    use_style()
+    panels: list[tuple[str, str]] = []
+    for setting in settings:
+        panels.append((setting, "eps"))
+        if curves is not None and setting in set(curves["setting"]):
+            panels.append((setting, "queries"))
+    fig, axes = plt.subplots(len(metrics), len(panels),
+                             figsize=(3.3 * len(panels), 2.6 * len(metrics)),
+                             squeeze=False, sharex="col")
+    for j, (setting, axis) in enumerate(panels):
+        for i, metric in enumerate(metrics):
+            ax = axes[i, j]
+            if axis == "eps":
+                table = eps_table(tidy, setting, metric)
+                x = table["eps"].to_numpy(dtype=np.float64)
+            else:
+                table = query_table(curves, setting, metric)  # type: ignore[arg-type]
+                x = table["queries"].to_numpy(dtype=np.float64)
+            for kind in (c for c in table.columns if c not in ("eps", "queries", "clean")):
+                ax.plot(x, table[kind], color=ATTACK_COLOURS.get(kind, PALETTE[0]),
+                        marker="o" if axis == "eps" else None, ms=4, lw=1.5,
+                        label=kind.upper())
+            ax.axhline(float(table["clean"].iloc[0]), color=ATTACK_COLOURS["clean"], ls="--",
+                       lw=1.2, label="clean")
+            ax.set_xscale("log")
+            if axis == "eps":
+                for k, (label, value) in enumerate((eps_marks or {}).items()):
+                    ax.axvline(value, color="#777777", ls=":", lw=1)
+                    if i == 0:
+                        ax.text(value, 1.0 - 0.09 * k, f" {label}", fontsize=7,
+                                transform=ax.get_xaxis_transform(), color="#555555",
+                                va="top")
+                ax.set_xticks(x)
+                ax.set_xticklabels([format_eps(v) for v in x], fontsize=8)
+                ax.minorticks_off()
+            if metric == "confidence":
+                ax.set_ylim(0, 1.02)
+            else:
+                ax.set_ylim(bottom=0)
+            if i == 0:
+                ax.set_title(f"{setting}: against {'eps' if axis == 'eps' else 'queries'}",
+                             fontsize=10)
+            if i == len(metrics) - 1:
+                ax.set_xlabel("eps (L-inf, [0, 1] scale)" if axis == "eps" else
+                              ("gradient steps + 1" if setting.startswith("pgd")
+                               else "queries per image"))
+            if j == 0:
+                ax.set_ylabel(_CURVE_LABELS[metric])
+    axes[0, -1].legend(fontsize=8, loc="best")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+# --- configuration ------------------------------------------------------------------------------
+
+def check_sweep_params(params: Mapping[str, Any]) -> None:
+    """Validate the ``sweep`` section of params.yaml (for :mod:`calib.config`).
+
+    Keys: ``models`` (a non-empty list of names under ``models``), ``eps`` (a non-empty list of
+    distinct floats in (0, 1], written as floats so DVC's file names are canonical),
+    ``settings`` (from :data:`SWEEP_SETTINGS`), ``kinds``, ``n_images`` (1..data.attack_size),
+    ``square_iterations``, ``pgd_iterations`` (>= 1) and ``pgd_alpha_fraction`` in (0, 2].
+
+    Raises:
+        calib.config.ConfigError: naming the key (``sweep.<key>``) and what is allowed.
+    """
+    from calib.config import ConfigError
+
+    sweep = params.get("sweep")
+    if not isinstance(sweep, Mapping):
+        raise ConfigError("sweep must be a mapping (models, eps, settings, kinds, n_images, ...)")
+
+    def get(key: str) -> Any:
+        if key not in sweep:
+            raise ConfigError(f"missing parameter sweep.{key}")
+        return sweep[key]
+
+    known = list(params.get("models", {}))
+    names = get("models")
+    if not isinstance(names, list) or not names:
+        raise ConfigError(f"sweep.models must be a non-empty list; choose from {known}")
+    for name in names:
+        if name not in known:
+            raise ConfigError(f"sweep.models item {name!r} is not allowed; choose one of {known}")
+    grid = get("eps")
+    if not isinstance(grid, list) or not grid:
+        raise ConfigError("sweep.eps must be a non-empty list of floats in (0, 1], e.g. "
+                          "[0.02, 0.05, 0.1, 0.2]")
+    for value in grid:
+        if not isinstance(value, float) or not 0.0 < value <= 1.0 or not math.isfinite(value):
+            raise ConfigError(f"sweep.eps item {value!r} must be a float in (0, 1] (write 1.0, "
+                              f"not 1: the file names use the float's repr)")
+    if len({format_eps(v) for v in grid}) != len(grid):
+        raise ConfigError(f"sweep.eps lists a value more than once: {grid}")
+    try:
+        parse_list("sweep.settings", str(get("settings")), SWEEP_SETTINGS)
+        parse_list("sweep.kinds", str(get("kinds")), KINDS)
+        SweepBudget(square_iterations=get("square_iterations"),
+                    pgd_iterations=get("pgd_iterations"),
+                    pgd_alpha_fraction=get("pgd_alpha_fraction"))
+    except ValueError as err:
+        raise ConfigError(f"sweep: {err}") from None
+    n_images = get("n_images")
+    attack_size = params.get("data", {}).get("attack_size")
+    if isinstance(n_images, bool) or not isinstance(n_images, int) or n_images < 1 \
+            or (isinstance(attack_size, int) and n_images > attack_size):
+        raise ConfigError(f"sweep.n_images must be an integer in [1, data.attack_size = "
+                          f"{attack_size}], got {n_images!r}")
+
+
+def budget_config(budget: SweepBudget, *, settings: Iterable[str], kinds: Iterable[str],
+                  n_images: int, seed: int) -> dict[str, Any]:
+    """The configuration a sweep file records (and :func:`collect_sweep` compares)."""
+    return {**asdict(budget), "settings": ",".join(settings), "kinds": ",".join(kinds),
+            "n_images": int(n_images), "seed": int(seed)}

@@ -1,0 +1,457 @@
+"""Tests for calib.analysis.sweeps (paper Fig. 2): eps names, sweep points, tables, figure."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import re
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from calib.analysis import sweeps
+from calib.attacks import KINDS, run_attack
+from calib.config import ConfigError
+from calib.io import write_json
+from calib.plots import save_figure
+
+EPS_GRID = (0.05, 0.2)
+BUDGET = sweeps.SweepBudget(square_iterations=10, square_p_init=0.3, pgd_iterations=3,
+                            pgd_alpha_fraction=0.4)
+eps_values = st.floats(min_value=5e-324, max_value=1.0, allow_nan=False, allow_infinity=False)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors run fastest on one thread, and a busy machine punishes spinning threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_model(seed: int = 0) -> nn.Module:
+    """A tiny conv net on 1x8x8 images with seeded weights and spread-out confidences."""
+    gen = torch.Generator().manual_seed(seed)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
+                          nn.Flatten(), nn.Linear(16, 4))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen))
+    return model.eval()
+
+
+def tiny_data(n: int = 8, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 1, 8, 8, generator=gen), torch.randint(0, 4, (n,), generator=gen)
+
+
+class Exploding(nn.Module):
+    """A model that fails on any forward pass: validation must come before any attack."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise AssertionError("the model was queried before the arguments were validated")
+
+
+@pytest.fixture(scope="module")
+def mini_sweep(tmp_path_factory) -> dict:
+    """A 2-eps sweep of both settings and all kinds on a tiny model, written as sweep files."""
+    model = tiny_model()
+    images, labels = tiny_data()
+    root = tmp_path_factory.mktemp("results")
+    config = sweeps.budget_config(BUDGET, settings=sweeps.SWEEP_SETTINGS, kinds=KINDS,
+                                  n_images=len(labels), seed=0)
+    rows = {}
+    for eps in EPS_GRID:
+        rows[eps] = sweeps.run_sweep_point(model, images, labels, eps=eps, budget=BUDGET)
+        record = sweeps.sweep_record("tiny", eps, rows[eps], config=config)
+        write_json(sweeps.sweep_file("tiny", eps, root), record)
+    return {"model": model, "images": images, "labels": labels, "rows": rows,
+            "folder": sweeps.sweep_dir("tiny", root)}
+
+
+# --- eps names ---------------------------------------------------------------------------------
+
+@given(eps_values)
+def test_eps_name_round_trips_and_is_filesystem_safe(eps):
+    name = sweeps.format_eps(eps)
+    assert sweeps.parse_eps(name) == eps
+    assert re.fullmatch(r"[0-9.e-]+", name), name
+    path = sweeps.sweep_file("m", eps, "results")
+    assert path.name == f"eps_{name}.json"
+    assert sweeps.eps_from_path(path) == eps
+
+
+@given(eps_values)
+def test_eps_name_is_what_dvc_renders(eps):
+    # dvc.yaml writes the file name as eps_${item.eps}.json and the key as ${key}: they must
+    # name the same file the notebook writes.
+    interpolate = pytest.importorskip("dvc.parsing.interpolate")
+    assert sweeps.format_eps(eps) == interpolate.to_str(eps)
+
+
+@given(st.from_regex(r"[a-z][a-z0-9._-]{0,12}", fullmatch=True), eps_values)
+def test_matrix_key_round_trips(model, eps):
+    # DVC's matrix key joins the values with "-"; model names may contain "-" and digits.
+    assert sweeps.split_matrix_key(f"{model}-{sweeps.format_eps(eps)}") == (model, eps)
+
+
+@pytest.mark.parametrize("eps", [0, 0.0, -0.1, 1.5, math.nan, math.inf, True, "0.1", None])
+def test_format_eps_rejects_bad_eps(eps):
+    with pytest.raises(ValueError, match="eps"):
+        sweeps.format_eps(eps)
+
+
+@pytest.mark.parametrize("text", ["0.050", "5e-2", "-0.1", "inf", "nan", "1", "1.5", "",
+                                  "0.05 ", "1e-5", 0.05])
+def test_parse_eps_rejects_non_canonical_names(text):
+    with pytest.raises(ValueError, match="eps"):
+        sweeps.parse_eps(text)
+
+
+@pytest.mark.parametrize("key", ["resnet", "resnet-", "-0.05", "resnet-0.050", "resnet-1",
+                                 "resnet_0.05"])
+def test_split_matrix_key_rejects_bad_keys(key):
+    with pytest.raises(ValueError, match="eps"):
+        sweeps.split_matrix_key(key)
+
+
+def test_eps_from_path_rejects_other_files():
+    with pytest.raises(ValueError, match=r"eps_0\.05\.json"):
+        sweeps.eps_from_path("results/m/sweep/summary.json")
+
+
+# --- one sweep point ---------------------------------------------------------------------------
+
+def test_mini_sweep_gives_every_setting_and_kind(mini_sweep):
+    for eps, rows in mini_sweep["rows"].items():
+        assert [(r["setting"], r["kind"]) for r in rows] == \
+            [(s, k) for s in sweeps.SWEEP_SETTINGS for k in KINDS]
+        for r in rows:
+            assert r["eps"] == eps and r["n"] == 8
+            assert math.isfinite(r["ece_after"]) and math.isfinite(r["ks_after"])
+            assert r["label_preserved"] == 1.0
+            assert r["accuracy_after"] == r["accuracy_before"]
+            assert r["linf_max"] <= eps + 1e-6
+        pgd = [r for r in rows if r["setting"] == "pgd-linf"]
+        assert all(r["iterations"] == BUDGET.pgd_iterations for r in pgd)
+
+
+def test_sweep_point_is_deterministic(mini_sweep):
+    again = sweeps.run_sweep_point(mini_sweep["model"], mini_sweep["images"],
+                                   mini_sweep["labels"], eps=EPS_GRID[0], budget=BUDGET)
+    assert again == mini_sweep["rows"][EPS_GRID[0]]
+
+
+def test_pgd_step_scales_with_eps():
+    args = BUDGET.attack_arguments("pgd-linf", 0.05)
+    assert args["alpha"] == pytest.approx(0.02) and args["iterations"] == 3
+    args = BUDGET.attack_arguments("square-linf", 0.05)
+    assert args["p_init"] == 0.3 and args["iterations"] == 10 and "alpha" not in args
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    ({"eps": 0.0}, "eps"), ({"eps": -0.1}, "eps"), ({"eps": 1.5}, "eps"),
+    ({"eps": 0.1, "settings": "square-l2"}, "settings"),
+    ({"eps": 0.1, "settings": ""}, "settings"),
+    ({"eps": 0.1, "settings": "square-linf,square-linf"}, "settings"),
+    ({"eps": 0.1, "kinds": "uca,xyz"}, "kinds"),
+    ({"eps": 0.1, "kinds": ["mma", "foo"]}, "kinds"),
+])
+def test_run_sweep_point_rejects_bad_input_before_any_attack(kwargs, name):
+    images, labels = tiny_data()
+    with pytest.raises(ValueError, match=name):
+        sweeps.run_sweep_point(Exploding(), images, labels, budget=BUDGET, **kwargs)
+
+
+@pytest.mark.parametrize("field,value", [("square_iterations", 0), ("pgd_iterations", 1.5),
+                                         ("square_p_init", 0.0), ("pgd_alpha_fraction", -1),
+                                         ("square_p_init", True)])
+def test_budget_rejects_bad_values(field, value):
+    with pytest.raises(ValueError, match=field):
+        sweeps.SweepBudget(**{field: value})
+
+
+def test_sweep_record_rejects_mixed_rows(mini_sweep):
+    rows = mini_sweep["rows"][EPS_GRID[0]]
+    with pytest.raises(ValueError, match="eps"):
+        sweeps.sweep_record("tiny", EPS_GRID[1], rows, config={})
+    bad = copy.deepcopy(rows)
+    bad[1]["ece_before"] += 0.1
+    with pytest.raises(ValueError, match="clean ece"):
+        sweeps.sweep_record("tiny", EPS_GRID[0], bad, config={})
+    with pytest.raises(ValueError, match="rows"):
+        sweeps.sweep_record("tiny", EPS_GRID[0], [], config={})
+
+
+# --- collecting and tables ---------------------------------------------------------------------
+
+def test_collect_sweep_gives_a_tidy_table(mini_sweep):
+    tidy = sweeps.collect_sweep(mini_sweep["folder"])
+    assert len(tidy) == len(EPS_GRID) * len(sweeps.SWEEP_SETTINGS) * len(KINDS)
+    for column in ("model", "setting", "kind", "eps", "ece", "ks", "confidence",
+                   "success_rate", "clean_ece", "clean_ks", "clean_confidence"):
+        assert column in tidy
+    assert set(tidy["eps"]) == set(EPS_GRID)
+    for eps, rows in mini_sweep["rows"].items():
+        for r in rows:
+            hit = tidy[(tidy["eps"] == eps) & (tidy["setting"] == r["setting"])
+                       & (tidy["kind"] == r["kind"])]
+            assert len(hit) == 1
+            assert hit["ece"].item() == pytest.approx(r["ece_after"], abs=1e-6)
+            assert hit["clean_ece"].item() == pytest.approx(r["ece_before"], abs=1e-6)
+
+
+def test_eps_table_has_the_plot_columns(mini_sweep):
+    tidy = sweeps.collect_sweep(mini_sweep["folder"])
+    for setting in sweeps.SWEEP_SETTINGS:
+        for metric in ("ece", "ks", "confidence"):
+            wide = sweeps.eps_table(tidy, setting, metric)
+            assert list(wide.columns) == ["eps", "clean", *KINDS]
+            assert list(wide["eps"]) == sorted(EPS_GRID)
+            assert wide["clean"].nunique() == 1
+        wide = sweeps.eps_table(tidy, setting, "success_rate")
+        assert list(wide.columns) == ["eps", *KINDS]
+    with pytest.raises(ValueError, match="setting"):
+        sweeps.eps_table(tidy, "square-l2")
+    with pytest.raises(ValueError, match="metric"):
+        sweeps.eps_table(tidy, "square-linf", "queries")
+
+
+def _copy_sweep(folder, tmp_path):
+    dest = tmp_path / "sweep"
+    shutil.copytree(folder, dest)
+    return dest
+
+
+def _edit(path, change):
+    record = json.loads(path.read_text())
+    change(record)
+    path.write_text(json.dumps(record))
+
+
+def test_collect_sweep_rejects_files_of_another_sweep(mini_sweep, tmp_path):
+    folder = _copy_sweep(mini_sweep["folder"], tmp_path)
+    victim = folder / f"eps_{sweeps.format_eps(EPS_GRID[1])}.json"
+    _edit(victim, lambda r: r["config"].update(square_iterations=999))
+    with pytest.raises(ValueError, match=r"eps_0\.2\.json.*square_iterations"):
+        sweeps.collect_sweep(folder)
+
+
+def test_collect_sweep_rejects_another_clean_level(mini_sweep, tmp_path):
+    folder = _copy_sweep(mini_sweep["folder"], tmp_path)
+    victim = folder / f"eps_{sweeps.format_eps(EPS_GRID[1])}.json"
+    _edit(victim, lambda r: r["clean"].update(ece=r["clean"]["ece"] + 0.01))
+    with pytest.raises(ValueError, match="clean ece"):
+        sweeps.collect_sweep(folder)
+
+
+def test_collect_sweep_rejects_misnamed_files(mini_sweep, tmp_path):
+    folder = _copy_sweep(mini_sweep["folder"], tmp_path)
+    shutil.copy(folder / "eps_0.05.json", folder / "eps_0.1.json")
+    with pytest.raises(ValueError, match=r"eps_0\.1\.json"):
+        sweeps.collect_sweep(folder)
+    (folder / "eps_0.1.json").unlink()
+    shutil.copy(folder / "eps_0.05.json", folder / "eps_0.050.json")
+    with pytest.raises(ValueError, match="canonical"):
+        sweeps.collect_sweep(folder)
+
+
+def test_collect_sweep_needs_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="sweep"):
+        sweeps.collect_sweep(tmp_path)
+    with pytest.raises(FileNotFoundError, match="sweep"):
+        sweeps.collect_sweep(tmp_path / "missing")
+
+
+# --- the query curve ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def runs() -> tuple[dict, torch.Tensor]:
+    model = tiny_model()
+    images, labels = tiny_data()
+    out = {}
+    for setting, method, extra in (("square-linf", "square", {"p_init": 0.3}),
+                                   ("pgd-linf", "pgd", {"alpha": 0.04})):
+        for kind in KINDS:
+            out[setting, kind] = run_attack(model, images, kind=kind, method=method, eps=0.1,
+                                            iterations=12, labels=labels, seed=0, **extra)
+    return out, labels
+
+
+def test_query_curve_comes_from_the_history(runs):
+    results, labels = runs
+    curves = sweeps.curve_frame(results, labels, model_name="tiny", points=5)
+    assert list(curves.columns[:3]) == ["model", "setting", "kind"]
+    for (setting, kind), result in results.items():
+        part = curves[(curves["setting"] == setting) & (curves["kind"] == kind)]
+        summary = result.summary(labels)
+        first, last = part.iloc[0], part.iloc[-1]
+        assert first["queries"] == 1 and last["queries"] == result.iterations + 1
+        assert np.all(np.diff(part["queries"]) > 0)
+        assert first["ece"] == pytest.approx(summary["ece_before"], abs=1e-12)
+        assert first["confidence"] == pytest.approx(summary["confidence_before"], abs=1e-12)
+        assert last["ece"] == pytest.approx(summary["ece_after"], abs=1e-12)
+        assert last["ks"] == pytest.approx(summary["ks_after"], abs=1e-12)
+        assert last["confidence"] == pytest.approx(summary["confidence_after"], abs=1e-12)
+        assert last["success_rate"] == pytest.approx(summary["success_rate"], abs=1e-12)
+        assert last["queries_mean"] == pytest.approx(summary["queries_mean"], abs=1e-12)
+
+
+def test_query_table_has_the_plot_columns(runs):
+    results, labels = runs
+    curves = sweeps.curve_frame(results, labels, model_name="tiny", points=6)
+    for setting in sweeps.SWEEP_SETTINGS:
+        wide = sweeps.query_table(curves, setting, "ece")
+        assert list(wide.columns) == ["queries", "clean", *KINDS]
+        assert np.all(np.diff(wide["queries"]) > 0)
+        assert not wide[list(KINDS)].isna().any().any()
+        assert wide["clean"].iloc[0] == pytest.approx(
+            results[setting, "uca"].summary(labels)["ece_before"])
+        assert list(sweeps.query_table(curves, setting, "success_rate").columns) == \
+            ["queries", *KINDS]
+
+
+def test_query_table_rejects_several_models(runs):
+    results, labels = runs
+    curves = pd.concat([sweeps.curve_frame(results, labels, model_name=m, points=3)
+                        for m in ("a", "b")])
+    with pytest.raises(ValueError, match="several models"):
+        sweeps.query_table(curves, "square-linf")
+
+
+# --- tables from arbitrary long data (property) -------------------------------------------------
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.floats(1e-3, 1.0, allow_nan=False), min_size=1, max_size=6, unique=True),
+       st.lists(st.sampled_from(KINDS), min_size=1, max_size=4, unique=True),
+       st.integers(0, 2**31 - 1))
+def test_wide_tables_keep_every_value_and_sort_x(grid, kinds, seed):
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(grid))
+    rows = [{"model": "m", "setting": "square-linf", "kind": k, "eps": grid[i],
+             "queries": float(int(grid[i] * 1000) + 1), "ece": rng.random(),
+             "clean_ece": 0.05} for i in order for k in kinds]
+    df = pd.DataFrame(rows)
+    ordered = [k for k in KINDS if k in kinds]
+    wide = sweeps.eps_table(df, "square-linf", "ece")
+    assert list(wide.columns) == ["eps", "clean", *ordered]
+    assert np.all(np.diff(wide["eps"]) > 0)
+    for r in rows:
+        assert wide.loc[wide["eps"] == r["eps"], r["kind"]].item() == r["ece"]
+    curves = df.drop_duplicates(["kind", "queries"])
+    wide_q = sweeps.query_table(curves, "square-linf", "ece")
+    assert wide_q["queries"].is_monotonic_increasing and wide_q["queries"].is_unique
+    assert list(wide_q.columns) == ["queries", "clean", *ordered]
+
+
+# --- figure ------------------------------------------------------------------------------------
+
+def test_sweep_figure_layout_and_determinism(mini_sweep, runs, tmp_path):
+    tidy = sweeps.collect_sweep(mini_sweep["folder"])
+    results, labels = runs
+    curves = sweeps.curve_frame(results, labels, model_name="tiny", points=6)
+    fig = sweeps.sweep_figure(tidy, curves, eps_marks={"paper": 0.05}, title="tiny")
+    axes = np.array(fig.axes).reshape(3, 4)
+    for ax in axes.flat:
+        labels_drawn = [line.get_label() for line in ax.get_lines()]
+        assert [x for x in labels_drawn if not x.startswith("_")] == \
+            [k.upper() for k in KINDS] + ["clean"]
+    assert axes[0, 0].get_ylabel() == "ECE" and axes[2, 0].get_ylabel() == "average confidence"
+    paths = [tmp_path / "a.png", tmp_path / "b.png"]
+    save_figure(fig, paths[0], close=False)
+    save_figure(fig, paths[1])
+    assert paths[0].read_bytes() == paths[1].read_bytes()
+    without = sweeps.sweep_figure(tidy, None, settings=["pgd-linf"], metrics=("ece",))
+    assert len(without.axes) == 1
+    with pytest.raises(ValueError, match="metrics"):
+        sweeps.sweep_figure(tidy, None, metrics=("queries",))
+
+
+# --- params.yaml -------------------------------------------------------------------------------
+
+def _params(**sweep):
+    base = {"models": {"resnet": {}, "vit": {}}, "data": {"attack_size": 500},
+            "sweep": {"models": ["resnet", "vit"], "eps": [0.02, 0.05, 0.1, 0.2],
+                      "settings": "square-linf,pgd-linf", "kinds": "uca,oca,mma,rca",
+                      "n_images": 100, "square_iterations": 200, "pgd_iterations": 20,
+                      "pgd_alpha_fraction": 0.4}}
+    base["sweep"].update(sweep)
+    return base
+
+
+def test_check_sweep_params_accepts_the_default():
+    sweeps.check_sweep_params(_params())
+
+
+@pytest.mark.parametrize("change,key", [
+    ({"eps": [0.05, 1]}, "sweep.eps"), ({"eps": []}, "sweep.eps"),
+    ({"eps": [0.05, 0.05]}, "sweep.eps"), ({"eps": [1.5]}, "sweep.eps"),
+    ({"models": ["resnet", "bert"]}, "sweep.models"), ({"models": []}, "sweep.models"),
+    ({"settings": "square-l2"}, "sweep.settings"), ({"kinds": "uca,abc"}, "sweep.kinds"),
+    ({"n_images": 501}, "sweep.n_images"), ({"n_images": 0}, "sweep.n_images"),
+    ({"square_iterations": 0}, "square_iterations"),
+    ({"pgd_alpha_fraction": 0.0}, "pgd_alpha_fraction"),
+])
+def test_check_sweep_params_names_the_bad_key(change, key):
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        sweeps.check_sweep_params(_params(**change))
+
+
+# --- readouts ----------------------------------------------------------------------------------
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(0.0, 1.0, allow_nan=False), min_size=2, max_size=30),
+       st.floats(0.05, 1.0))
+def test_saturation_queries_is_the_first_budget_reaching_the_fraction(values, fraction):
+    q = np.arange(1, len(values) + 1, dtype=np.float64) * 3 - 2
+    curves = pd.DataFrame({"setting": "square-linf", "kind": "uca", "queries": q,
+                           "ece": values})
+    answer = sweeps.saturation_queries(curves, "square-linf", fraction=fraction)["uca"]
+    change = np.abs(np.asarray(values) - values[0])
+    i = int(np.flatnonzero(q == answer)[0])
+    assert change[i] >= fraction * change[-1] - 1e-12
+    assert np.all(change[:i] < fraction * change[-1] - 1e-12)
+
+
+def test_saturation_queries_rejects_bad_fraction(runs):
+    curves = sweeps.curve_frame(*runs, model_name="tiny", points=4)
+    with pytest.raises(ValueError, match="fraction"):
+        sweeps.saturation_queries(curves, "square-linf", fraction=0.0)
+
+
+def test_findings_read_the_tables(mini_sweep, runs):
+    tidy = sweeps.collect_sweep(mini_sweep["folder"])
+    curves = sweeps.curve_frame(*runs, model_name="tiny", points=6)
+    lines = sweeps.findings(tidy, curves, paper_eps=0.05)
+    clean = tidy["clean_ece"].iloc[0]
+    for setting in sweeps.SWEEP_SETTINGS:
+        mine = [line for line in lines if line.startswith(setting)]
+        assert len(mine) == 4, mine
+        assert f"ECE {clean:.3f} clean" in mine[0]
+        assert "of a budget of 13" in mine[3]
+    assert len(sweeps.findings(tidy, None, paper_eps=0.3)) == 2 * len(sweeps.SWEEP_SETTINGS)
+
+
+def test_pgd_history_prefix_is_a_shorter_run(mini_sweep, runs):
+    """The query curve needs no re-running: for PGD, history row b is exactly a b-step run."""
+    results, labels = runs
+    curves = sweeps.curve_frame(results, labels, model_name="tiny", points=None)
+    images = mini_sweep["images"]
+    rows = sweeps.run_sweep_point(mini_sweep["model"], images, labels, eps=0.1,
+                                  settings="pgd-linf", budget=BUDGET)
+    tidy = pd.DataFrame([{**r, "eps": 0.1, "ece": r["ece_after"]} for r in rows])
+    check = sweeps.cross_check(tidy, curves, 0.1)
+    assert list(check["kind"]) == list(KINDS)
+    assert (check["budget"] == BUDGET.pgd_iterations + 1).all()
+    assert (check["curve_queries"] == check["budget"]).all()
+    np.testing.assert_allclose(check["sweep"], check["curve"], atol=1e-12)
+    with pytest.raises(ValueError, match="grid"):
+        sweeps.cross_check(tidy, curves, 0.3)
