@@ -83,14 +83,36 @@ def write_text(path: str | os.PathLike[str], text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
-def save_tensors(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor],
-                 metadata: Mapping[str, str] | None = None) -> None:
-    """Save a flat dict of tensors as safetensors, atomically (no pickles on disk)."""
-    from safetensors.torch import save_file
+def safetensors_bytes(tensors: Mapping[str, torch.Tensor],
+                      metadata: Mapping[str, str] | None = None) -> bytes:
+    """Serialise tensors as safetensors with a canonical, byte-stable header.
+
+    safetensors writes its ``__metadata__`` from a hash map whose order changes from run to
+    run, so the same tensors could give different bytes (and a DVC output a new hash, rerunning
+    every later stage). The header is re-written as JSON with sorted keys and no spaces, padded
+    with spaces to a multiple of 8 bytes as the format asks; tensor offsets are relative to the
+    data block and stay valid.
+    """
+    import json
+    import struct
+
+    from safetensors.torch import save
 
     contiguous = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    raw = save(contiguous, metadata=dict(metadata) if metadata else None)
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-(8 + len(text)) % 8)
+    return struct.pack("<Q", len(text)) + text + raw[8 + n:]
+
+
+def save_tensors(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor],
+                 metadata: Mapping[str, str] | None = None) -> None:
+    """Save a flat dict of tensors as safetensors, atomically and byte-stably (no pickles)."""
+    data = safetensors_bytes(tensors, metadata)
     with atomic_path(path) as tmp:
-        save_file(contiguous, str(tmp), metadata=dict(metadata) if metadata else None)
+        tmp.write_bytes(data)
 
 
 def load_tensors(path: str | os.PathLike[str], device: str | torch.device = "cpu"

@@ -67,8 +67,6 @@ class ImageClassifier(nn.Module):
 MODEL_ZOO: dict[str, tuple[str, str, dict[str, Any]]] = {
     # 7x7 patches on 28x28 images -> 16 tokens; width 192, 3 heads.
     "vit_fmnist_d4": ("vit", "vit_tiny_patch16_224", {"patch_size": 7, "depth": 4}),
-    "vit_fmnist_d4w96": ("vit", "vit_tiny_patch16_224",
-                         {"patch_size": 7, "depth": 4, "embed_dim": 96, "num_heads": 3}),
     "vit_fmnist_d6": ("vit", "vit_tiny_patch16_224", {"patch_size": 7, "depth": 6}),
     "vit_fmnist_d8w256": ("vit", "vit_tiny_patch16_224",
                           {"patch_size": 7, "depth": 8, "embed_dim": 256, "num_heads": 4}),

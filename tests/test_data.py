@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from calib import data
+from calib import data, imbalance
 
 FakeWriter = Callable[[Path], dict]
 
@@ -651,10 +651,10 @@ def test_class_counts():
 # Long-tailed training subsets (class imbalance, SPEC §9)
 
 def test_long_tailed_counts_follow_the_exponential_profile():
-    counts = data.long_tailed_counts(torch.tensor([500, 520, 600, 510, 700]), 100)
+    counts = imbalance.long_tailed_counts(torch.tensor([500, 520, 600, 510, 700]), 100)
     # n_max = 500 (the smallest class); ratio 100 over 4 steps -> x 100 ** (-1/4) per class.
     assert counts.tolist() == [500, 158, 50, 15, 5]
-    assert data.long_tailed_counts(torch.tensor([7, 9]), 1).tolist() == [7, 7]
+    assert imbalance.long_tailed_counts(torch.tensor([7, 9]), 1).tolist() == [7, 7]
 
 
 @settings(max_examples=40, deadline=None)
@@ -666,14 +666,14 @@ def test_long_tailed_subset_sizes_membership_and_seeding(k, per_class, ratio, se
     perm = torch.randperm(labels.numel(), generator=gen)
     labels = labels[perm]
     indices = torch.arange(1000, 1000 + labels.numel())
-    kept = data.long_tailed_subset(indices, labels, imbalance_ratio=ratio, num_classes=k,
+    kept = imbalance.long_tailed_subset(indices, labels, imbalance_ratio=ratio, num_classes=k,
                                    seed=seed)
-    expected = data.long_tailed_counts(torch.full((k,), per_class), ratio)
+    expected = imbalance.long_tailed_counts(torch.full((k,), per_class), ratio)
     kept_labels = labels[kept - 1000]
     assert data.class_counts(kept_labels, k).tolist() == expected.tolist()
     assert bool((kept[1:] > kept[:-1]).all())            # sorted, no duplicates
     assert set(kept.tolist()) <= set(indices.tolist())
-    again = data.long_tailed_subset(indices, labels, imbalance_ratio=ratio, num_classes=k,
+    again = imbalance.long_tailed_subset(indices, labels, imbalance_ratio=ratio, num_classes=k,
                                     seed=seed)
     assert torch.equal(kept, again)
     counts = data.class_counts(kept_labels, k)
@@ -683,8 +683,8 @@ def test_long_tailed_subset_sizes_membership_and_seeding(k, per_class, ratio, se
 def test_long_tailed_subset_rejects_bad_ratio_and_shapes():
     labels = torch.tensor([0, 1, 0, 1])
     with pytest.raises(ValueError, match="imbalance_ratio"):
-        data.long_tailed_subset(torch.arange(4), labels, imbalance_ratio=0.5, num_classes=2,
+        imbalance.long_tailed_subset(torch.arange(4), labels, imbalance_ratio=0.5, num_classes=2,
                                 seed=0)
     with pytest.raises(ValueError, match="differ in length"):
-        data.long_tailed_subset(torch.arange(3), labels, imbalance_ratio=2, num_classes=2,
+        imbalance.long_tailed_subset(torch.arange(3), labels, imbalance_ratio=2, num_classes=2,
                                 seed=0)

@@ -1,5 +1,5 @@
 """Tests for calib.analysis.detection (Mahalanobis, LID, Table 2 protocol) and
-calib.attacks.ordinary (ordinary Square Attack and PGD)."""
+calib.analysis.ordinary (ordinary Square Attack and PGD)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from torch import nn
 
 from calib import checks
 from calib.analysis import detection as det
-from calib.attacks.ordinary import margin_loss, ordinary_attack
+from calib.analysis.ordinary import margin_loss, ordinary_attack
 from calib.models import Normalize
 
 

@@ -64,3 +64,20 @@ def test_figures_are_byte_identical(tmp_path, ext):
 def test_unsupported_format(tmp_path):
     with pytest.raises(ValueError, match="png"):
         plots.save_figure(_figure(), tmp_path / "f.jpg")
+
+
+def test_tensor_files_are_byte_stable_and_readable(tmp_path):
+    """safetensors orders its metadata by a hash map; our header is canonical."""
+    from safetensors import safe_open
+
+    tensors = {"b": torch.arange(5), "a": torch.ones(2, 3)}
+    metadata = {f"key{i}": str(i) for i in range(8)}
+    blobs = {io.safetensors_bytes(tensors, metadata) for _ in range(12)}
+    assert len(blobs) == 1
+    io.save_tensors(tmp_path / "t.safetensors", tensors, metadata)
+    again = io.load_tensors(tmp_path / "t.safetensors")
+    assert torch.equal(again["b"], tensors["b"]) and torch.equal(again["a"], tensors["a"])
+    with safe_open(str(tmp_path / "t.safetensors"), framework="pt") as fh:
+        assert fh.metadata() == metadata
+    header_len = int.from_bytes((tmp_path / "t.safetensors").read_bytes()[:8], "little")
+    assert (8 + header_len) % 8 == 0
