@@ -162,6 +162,40 @@ def _check_defence_outputs(repo: Path) -> None:
         assert (repo / f"reports/notebooks/31_defence_table_{model}.ipynb").exists()
 
 
+def test_analysis_outputs_exist_and_make_sense(smoke_repo):
+    import pandas as pd
+    import yaml
+
+    repo = smoke_repo
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    sweep = params["sweep"]
+    for model in sweep["models"]:
+        tidy = pd.read_csv(repo / f"results/{model}/fig2_eps.csv")
+        assert sorted(tidy["eps"].unique()) == sorted(sweep["eps"])
+        assert tidy["ece_after"].between(0, 1).all()
+        for name in ("ece_vs_eps_square-linf.csv", "ece_vs_queries_square-linf.csv"):
+            wide = pd.read_csv(repo / f"results/{model}/fig2/{name}")
+            assert {"uca", "oca", "mma", "rca"} <= set(wide.columns)
+        assert (repo / f"figures/{model}/fig2_sweeps.png").stat().st_size > 1000
+    det_model = params["analysis"]["detection"]["model"]
+    table2 = pd.read_csv(repo / f"results/{det_model}/table2.csv")
+    assert set(table2["detector"]) == {"mahalanobis", "lid"}
+    assert table2["attack"].str.endswith("ordinary").any()
+    scored = table2.dropna(subset=["auroc"])
+    assert scored["auroc"].between(0, 1).all() and scored["accuracy"].between(0, 1).all()
+    for model in params["analysis"]["models"]:
+        for name in ("representations.csv", "saliency.csv"):
+            assert len(pd.read_csv(repo / f"results/{model}/{name}")) > 0, (model, name)
+        for fig in ("representations.png", "representation_shift.png",
+                    "saliency_examples.png", "saliency_similarity.png"):
+            assert (repo / f"figures/{model}/{fig}").stat().st_size > 1000, (model, fig)
+    claims = pd.read_csv(repo / "results/claims/claims.csv")
+    assert len(claims) == 6
+    assert set(claims["verdict"]) <= {"holds", "partly", "does not hold", "not measured"}
+    bounds = pd.read_csv(repo / "results/claims/mma_bound.csv")
+    assert (bounds["ece_after"] <= bounds["bound"] + 1e-9).all()
+
+
 def test_pipeline_is_up_to_date_after_repro(smoke_repo):
     out = _run(["dvc", "status"], smoke_repo).stdout
     assert "up to date" in out, out
