@@ -32,13 +32,7 @@ COMBOS = [(k, m, n) for k in KINDS for m in METHODS for n in NORMS]
 
 # --- helpers ---------------------------------------------------------------------------------
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors run fastest on one thread, and a busy machine punishes spinning threads."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_model(seed: int, channels: int, num_classes: int, scale: float) -> nn.Module:

@@ -18,14 +18,7 @@ from calib.analysis import detection as det
 from calib.analysis.ordinary import margin_loss, ordinary_attack
 from calib.models import Normalize
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors run fastest on one thread, and a busy machine punishes spinning threads."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(seed: int, channels: int = 1, num_classes: int = 4) -> nn.Module:

@@ -28,13 +28,7 @@ BUDGET = sweeps.SweepBudget(square_iterations=10, square_p_init=0.3, pgd_iterati
 eps_values = st.floats(min_value=5e-324, max_value=1.0, allow_nan=False, allow_infinity=False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors run fastest on one thread, and a busy machine punishes spinning threads."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(seed: int = 0) -> nn.Module:
