@@ -70,6 +70,14 @@ def test_ece_rise_verdicts():
     assert claims.claim_ece_rise({"m": _metrics(**weak)}, ["m"])["verdict"] == "does not hold"
 
 
+def test_ece_rise_tolerates_missing_medians():
+    """A run with no successful sample has a null median in its JSON summary."""
+    metrics_ = _metrics(uca={"ece_after": 0.5, "ks_after": 0.4})
+    metrics_["attacks"]["square-linf/uca"]["queries_success_median"] = None
+    out = claims.claim_ece_rise({"m": metrics_}, ["m"])
+    assert "median nan queries" in out["measured"]
+
+
 def test_query_comparison_separates_free_successes():
     rows = []
     # OCA: half the samples succeed at the clean query, the rest after 101 queries.

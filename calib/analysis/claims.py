@@ -126,6 +126,11 @@ def query_comparison(records: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _number(x: float | None) -> float:
+    """A summary value as a float; JSON writes NaN (e.g. no successful sample) as null."""
+    return float("nan") if x is None else float(x)
+
+
 def _fmt(x: float, digits: int = 3) -> str:
     return f"{x:.{digits}f}"
 
@@ -152,7 +157,7 @@ def claim_ece_rise(attack_metrics: Mapping[str, Mapping[str, Any]], models: Sequ
             same_acc = abs(s["accuracy_after"] - s["accuracy_before"]) < 1e-12
             flags.append(ece_x > 10 and ks_x > 10 and same_acc)
             parts.append(f"{model} {kind.upper()} ECE x{ece_x:.1f}, KS x{ks_x:.1f} "
-                         f"(median {s.get('queries_success_median', float('nan')):.0f} queries)")
+                         f"(median {_number(s.get('queries_success_median')):.0f} queries)")
     return {"measured": f"{setting}: " + "; ".join(parts) + "; accuracy unchanged in every run",
             "verdict": _verdict(flags),
             "rule": "every attack kind on every main model: ECE and KS after/before > 10 and "
