@@ -89,9 +89,10 @@ def safetensors_bytes(tensors: Mapping[str, torch.Tensor],
 
     safetensors writes its ``__metadata__`` from a hash map whose order changes from run to
     run, so the same tensors could give different bytes (and a DVC output a new hash, rerunning
-    every later stage). The header is re-written as JSON with sorted keys and no spaces, padded
-    with spaces to a multiple of 8 bytes as the format asks; tensor offsets are relative to the
-    data block and stay valid.
+    every later stage). Only that entry is re-written, with sorted keys; the tensor entries keep
+    safetensors' own (deterministic) order and compact JSON, padded with spaces to a multiple of
+    8 bytes as the format asks, so a file without metadata is byte-identical to safetensors'.
+    Tensor offsets are relative to the data block and stay valid.
     """
     import json
     import struct
@@ -101,8 +102,10 @@ def safetensors_bytes(tensors: Mapping[str, torch.Tensor],
     contiguous = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     raw = save(contiguous, metadata=dict(metadata) if metadata else None)
     (n,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8:8 + n])
-    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    header = json.loads(raw[8:8 + n], object_pairs_hook=dict)
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
     text += b" " * (-(8 + len(text)) % 8)
     return struct.pack("<Q", len(text)) + text + raw[8 + n:]
 

@@ -81,3 +81,11 @@ def test_tensor_files_are_byte_stable_and_readable(tmp_path):
         assert fh.metadata() == metadata
     header_len = int.from_bytes((tmp_path / "t.safetensors").read_bytes()[:8], "little")
     assert (8 + header_len) % 8 == 0
+
+
+def test_tensor_files_without_metadata_match_safetensors_bytes():
+    """Checkpoints (no metadata) keep safetensors' own bytes, so old artefacts stay valid."""
+    from safetensors.torch import save
+
+    tensors = {"w": torch.randn(3, 4), "b": torch.zeros(4), "n": torch.tensor(7)}
+    assert io.safetensors_bytes(tensors) == save(tensors)
