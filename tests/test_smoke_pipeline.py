@@ -172,7 +172,7 @@ def test_analysis_outputs_exist_and_make_sense(smoke_repo):
     for model in sweep["models"]:
         tidy = pd.read_csv(repo / f"results/{model}/fig2_eps.csv")
         assert sorted(tidy["eps"].unique()) == sorted(sweep["eps"])
-        assert tidy["ece_after"].between(0, 1).all()
+        assert tidy["ece"].between(0, 1).all() and (tidy["label_preserved"] == 1).all()
         for name in ("ece_vs_eps_square-linf.csv", "ece_vs_queries_square-linf.csv"):
             wide = pd.read_csv(repo / f"results/{model}/fig2/{name}")
             assert {"uca", "oca", "mma", "rca"} <= set(wide.columns)
