@@ -106,6 +106,7 @@ def _check_train(spec: Mapping[str, Any], prefix: str) -> None:
     require_number(_get(spec, "warmup_epochs", prefix), f"{prefix}.warmup_epochs", low=0)
     require_int(_get(spec, "augment_pad", prefix), f"{prefix}.augment_pad", minimum=0)
     require_bool(_get(spec, "augment_flip", prefix), f"{prefix}.augment_flip")
+    require_number(_get(spec, "imbalance_ratio", prefix), f"{prefix}.imbalance_ratio", low=1)
 
 
 #: The method-norm pairs the attack stage runs.
@@ -254,6 +255,12 @@ def _check_analysis(analysis: Mapping[str, Any], params: Mapping[str, Any]) -> N
     if det["lid_k"] >= n_fit:
         raise ConfigError(f"analysis.detection.lid_k = {det['lid_k']} must be below "
                           f"analysis.detection.n_fit = {n_fit}")
+    compare = _get(analysis, "compare", "analysis")
+    _comma_items(_get(compare, "models", "analysis.compare"), "analysis.compare.models", names)
+    for key in ("balanced", "long_tailed"):
+        require_choice(_get(compare, key, "analysis.compare"), names, f"analysis.compare.{key}")
+    require_choice(_get(compare, "setting", "analysis.compare"), attacked,
+                   "analysis.compare.setting")
     claims = _get(analysis, "claims", "analysis")
     _comma_items(_get(claims, "main_models", "analysis.claims"), "analysis.claims.main_models",
                  names)
