@@ -19,9 +19,8 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from calib import metrics
+from calib.attacks import KINDS
 from calib.plots import ATTACK_COLOURS, PALETTE, use_style
-
-KINDS = ("uca", "oca", "mma", "rca")
 
 
 def model_table(attack_metrics: Mapping[str, Mapping[str, Any]],

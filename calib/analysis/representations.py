@@ -36,13 +36,13 @@ from matplotlib.patches import Patch
 from torch import nn
 
 from calib import data, paths
+from calib.attacks import KINDS
 from calib.checks import check_choice, eval_mode
 from calib.io import load_tensors, read_json
 from calib.plots import ATTACK_COLOURS, PALETTE, use_style
 
 #: Attack settings the attack stage writes ("<method>-<norm>") and the kinds within each.
 SETTINGS: tuple[str, ...] = ("square-linf", "square-l2", "pgd-linf")
-KINDS: tuple[str, ...] = ("uca", "oca", "mma", "rca")
 
 #: Per-sample quantities measured before and after each attack (see the module docstring).
 QUANTITIES: tuple[str, ...] = ("d_own", "d_other", "ratio", "feature_norm", "logit_margin",
