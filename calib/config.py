@@ -123,7 +123,7 @@ def _check_attack(attack: Mapping[str, Any]) -> None:
             raise ConfigError(f"attack.{key} is empty; choose from {list(allowed)}")
         for item in items:
             require_choice(item, allowed, f"attack.{key} item")
-    require_number(_get(attack, "eps_linf", "attack"), "attack.eps_linf", low=0, high=1,
+    require_number(_get(attack, "eps", "attack"), "attack.eps", low=0, high=1,
                    low_open=True)
     require_number(_get(attack, "eps_l2", "attack"), "attack.eps_l2", low=0, low_open=True)
     require_int(_get(attack, "square_iterations", "attack"), "attack.square_iterations",

@@ -105,8 +105,8 @@ def test_params_are_validated_once_per_content(tmp_path, monkeypatch):
     pipeline.validate_params_once("params.yaml")
     pipeline.validate_params_once("params.yaml")
     assert len(calls) == 1 and pipeline.VALIDATED_STAMP.exists()
-    text = (tmp_path / "params.yaml").read_text().replace("eps_linf: 0.1", "eps_linf: 2.0")
+    text = (tmp_path / "params.yaml").read_text().replace("eps: 0.1 ", "eps: 2.0 ")
     (tmp_path / "params.yaml").write_text(text)
-    with pytest.raises(ConfigError, match=r"attack\.eps_linf"):
+    with pytest.raises(ConfigError, match=r"attack\.eps\b"):
         pipeline.validate_params_once("params.yaml")
     assert len(calls) == 2

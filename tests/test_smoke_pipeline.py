@@ -143,7 +143,7 @@ def _check_defence_outputs(repo: Path) -> None:
             assert summary["n_images"] == defend["n_images"]
             for s in summary["attacks"]:
                 assert s["label_preserved"] == 1.0, (defence, s["setting"], s["kind"])
-                assert s["linf_max"] <= params["attack"]["eps_linf"] + 1e-6
+                assert s["linf_max"] <= params["attack"]["eps"] + 1e-6
             assert (repo / f"results/{model}/defences/{defence}/records.csv").exists()
             assert (repo / f"reports/notebooks/30_defend_{model}-{defence}.ipynb").exists()
         assert (table["acc_before"] == table["acc_after"]).all()
