@@ -206,3 +206,68 @@ def test_same_seed_same_clean_metrics(smoke_repo):
     _run(["dvc", "repro", "--force", "--single-item", "train@resnet"], smoke_repo)
     after = _metrics(smoke_repo, "resnet")
     assert after == before
+
+
+def _figure_hashes(repo: Path) -> dict[str, str]:
+    import hashlib
+
+    return {str(p.relative_to(repo)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted((repo / "figures").rglob("*.png"))}
+
+
+def _stages_run(output: str) -> set[str]:
+    """Stage names from DVC's "Running stage 'name':" lines."""
+    import re
+
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+def test_noop_repro_is_fast(smoke_repo):
+    start = time.monotonic()
+    out = _run(["dvc", "repro"], smoke_repo).stdout
+    elapsed = time.monotonic() - start
+    assert not _stages_run(out), out
+    assert elapsed < 5.0, f"no-op dvc repro took {elapsed:.1f} s"
+
+
+def test_figures_are_byte_identical_when_rerun(smoke_repo):
+    """Forced reruns with unchanged inputs rewrite every figure of these stages identically."""
+    before = _figure_hashes(smoke_repo)
+    stages = ["data", "train@vit", "attack@resnet", "defence_table@resnet", "sweep_plot@resnet",
+              "detection", "representations@resnet", "saliency@vit", "compare", "claims"]
+    out = _run(["dvc", "repro", "--force", "--single-item", *stages], smoke_repo).stdout
+    assert _stages_run(out) == set(stages), out
+    after = _figure_hashes(smoke_repo)
+    changed = [name for name in before if after.get(name) != before[name]]
+    assert not changed, f"figures changed on an identical rerun: {changed}"
+    assert "up to date" in _run(["dvc", "status"], smoke_repo).stdout
+
+
+def test_exp_run_eps_reruns_only_attacks_and_dependents(smoke_repo):
+    """`dvc exp run -S attack.eps=0.03`: attack stages and their dependents, nothing upstream.
+
+    Runs last in this module: it leaves the workspace at the experiment's results.
+    """
+    import yaml
+
+    repo = smoke_repo
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
+    _run([*git, "add", "-A"], repo)
+    _run([*git, "commit", "-q", "-m", "smoke baseline"], repo)
+    out = _run(["dvc", "exp", "run", "-S", "attack.eps=0.03"], repo).stdout
+    ran = _stages_run(out)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    assert params["attack"]["eps"] == 0.03
+    models = list(params["models"])
+    assert {f"attack@{m}" for m in models} <= ran, out
+    upstream = {"data"} | {f"train@{m}" for m in models}
+    assert not ran & upstream, f"upstream stages reran: {sorted(ran & upstream)}"
+    assert not {s for s in ran if s.startswith("sweep@")}, "the eps sweep has its own grid"
+    downstream = ("attack@", "defend@", "defence_table@", "sweep_plot@", "detection",
+                  "representations@", "saliency@", "compare", "claims", "report")
+    assert all(s.startswith(downstream) for s in ran), sorted(ran)
+    for model in models:
+        attacks = json.loads((repo / f"results/{model}/attack_metrics.json").read_text())
+        for name, summary in attacks["attacks"].items():
+            if summary["norm"] == "linf":
+                assert summary["linf_max"] <= 0.03 + 1e-6, (model, name)
