@@ -725,7 +725,15 @@ h1:hover .anchor-link, h2:hover .anchor-link, h3:hover .anchor-link { visibility
 table { border-collapse: collapse; margin: 0.8rem 0; font-size: 0.88rem; }
 th, td { border: 1px solid var(--line); padding: 0.3rem 0.6rem; vertical-align: top; }
 thead th, table.dataframe th { background: var(--soft); }
-table.dataframe td, table.dataframe th { text-align: right; white-space: nowrap; }
+table.dataframe td, table.dataframe th { text-align: right; }
+table.dataframe th { white-space: nowrap; }
+table.dataframe td { max-width: 36rem; }
+/* Wide tables may use more than the text column, centred on it, up to the window's width. */
+.output_area:has(table.dataframe) {
+  --wide: min(calc(100vw - 2.5rem), 80rem);
+  width: var(--wide); margin-left: calc((100% - var(--wide)) / 2);
+}
+.output_area:has(table.dataframe) > .output_subarea { width: fit-content; margin: 0 auto; }
 tbody tr:nth-child(even) td { background: #fbfcfd; }
 details.parameters th, details.parameters td { border: 0; padding: 0.1rem 0.3rem;
   background: none; }
