@@ -35,6 +35,7 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from calib import paths
 from calib.io import atomic_dir
@@ -91,8 +92,12 @@ class Page:
     figures: tuple[str, ...]  # figure paths (from the repository root) shown on the page
 
     @property
-    def href(self) -> str:
+    def filename(self) -> str:
         return f"{self.name}.html"
+
+    @property
+    def href(self) -> str:
+        return quote(self.filename)
 
 
 @dataclass(frozen=True)
@@ -259,8 +264,9 @@ def find_notebooks(folder: str | Path, select: Collection[str] | None = None
 
 
 def pipeline_figures(root: str | Path, notebooks: str | Path) -> dict[str, list[str]]:
-    """For each executed notebook a stage of ``root/dvc.yaml`` writes into ``notebooks``, the
-    figures the same stage writes (its outputs under ``figures/``; folders are listed).
+    """For each executed notebook a stage of ``root/dvc.yaml`` writes into the folder
+    ``notebooks``, the figures the same stage writes (its outputs under ``figures/``; folders
+    are listed).
 
     Keys are notebook stems, values figure paths relative to ``root``. DVC resolves the
     ``foreach``/``matrix`` stages with the current ``params.yaml``.
@@ -269,8 +275,7 @@ def pipeline_figures(root: str | Path, notebooks: str | Path) -> dict[str, list[
     from dvc.repo import Repo
 
     root = Path(root)
-    folder = (root / notebooks).resolve() if not Path(notebooks).is_absolute() else Path(
-        notebooks).resolve()
+    folder = Path(notebooks).resolve()
     try:
         with Repo(str(root)) as repo:
             stages = list(repo.index.stages)
@@ -309,7 +314,7 @@ def figure_id(path: str) -> str:
 
 
 def _figure_html(path: str, *, caption: str | None = None) -> str:
-    src = html.escape(path, quote=True)
+    src = html.escape(quote(path), quote=True)
     label = html.escape(caption) if caption else f"<code>{html.escape(path)}</code>"
     return (f'<figure class="site-figure" id="{figure_id(path)}">'
             f'<a href="{src}"><img src="{src}" alt="{html.escape(Path(path).name, quote=True)}">'
@@ -398,6 +403,7 @@ def _env() -> Any:
     env.filters["md_inline"] = lambda s: markupsafe.Markup(_markdown(s, inline=True))
     env.filters["plain"] = _plain
     env.filters["value"] = _format_value
+    env.filters["url"] = quote
     return env
 
 
@@ -442,8 +448,8 @@ def build_site(notebooks: str | Path, out: str | Path, *, root: str | Path = "."
                 script=TOGGLE_SCRIPT,
                 prev=pages[i - 1] if i > 0 else None,
                 next=pages[i + 1] if i + 1 < len(pages) else None)
-            (tmp / page.href).write_text(text, encoding="utf-8")
-            written.append(Path(out) / page.href)
+            (tmp / page.filename).write_text(text, encoding="utf-8")
+            written.append(Path(out) / page.filename)
         where = {f: page for page in reversed(pages) for f in page.figures}
         key_figures = [(f, caption, where.get(f)) for f, caption in KEY_FIGURES
                        if (root / f).is_file()]
@@ -601,8 +607,8 @@ paper's claims. Each stage's code is folded away; open it with <em>Show code</em
 <div class="thumbs">
 {% for path, caption, page in key_figures %}
   <figure class="thumb">
-    <a href="{% if page %}{{ page.href }}#{{ figure_id(path) }}{% else %}{{ path }}{% endif %}">
-      <img src="{{ path }}" alt="{{ caption }}"></a>
+    <a href="{{ page.href ~ '#' ~ figure_id(path) if page else path | url }}">
+      <img src="{{ path | url }}" alt="{{ caption }}"></a>
     <figcaption>{{ caption }}{% if page %} · <a href="{{ page.href }}">{{ page.name }}</a>
     {% endif %}</figcaption>
   </figure>

@@ -320,6 +320,7 @@ def _env() -> dict[str, str]:
     return env
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # dvc's use of pyparsing
 def test_report_stage_runs_under_dvc(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
@@ -336,7 +337,7 @@ def test_report_stage_runs_under_dvc(tmp_path):
     (tmp_path / ".dvc/config").write_text("[core]\n    analytics = false\n")
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
 
-    plan = site.pipeline_figures(tmp_path, "reports/notebooks")
+    plan = site.pipeline_figures(tmp_path, tmp_path / "reports/notebooks")
     assert plan == {"10_train_a": ["figures/a/curve.png"], "10_train_b": ["figures/b/curve.png"]}
 
     dvc = [sys.executable, "-m", "dvc"]
