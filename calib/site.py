@@ -685,6 +685,7 @@ p code, li code, td code, th code, h1 code, h2 code, h3 code {
 .crumbs span { margin: 0 0.3em; }
 #code-toggle {
   font: inherit; font-size: 0.9rem; padding: 0.3rem 0.8rem; border-radius: 6px; cursor: pointer;
+  white-space: nowrap;
   border: 1px solid var(--line); background: var(--soft); color: var(--text);
 }
 #code-toggle:hover { background: #eaeef2; }
