@@ -11,12 +11,15 @@ import contextlib
 import json
 import os
 import platform
+import shutil
+import sys
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch is imported where it is used: the HTML report needs none of it
+    import torch
 
 
 @contextlib.contextmanager
@@ -46,6 +49,35 @@ def atomic_path(path: str | os.PathLike[str], suffix: str | None = None) -> Iter
             tmp.unlink()
 
 
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield an empty temporary folder beside ``path``; swap it in for ``path`` on success.
+
+    A folder cannot be renamed over a non-empty one, so the old folder is first renamed aside
+    and removed after the new one is in place: a reader sees the old folder or the complete new
+    one, never a half-written one, and a failed block leaves the old folder untouched.
+    """
+    dest = Path(path)
+    if dest.exists() and not dest.is_dir():
+        raise NotADirectoryError(f"{dest} exists and is not a folder")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
+    try:
+        yield tmp
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private (0700)
+        if dest.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".old",
+                                        dir=dest.parent))
+            os.replace(dest, old)  # onto an empty folder: allowed, and atomic
+            os.replace(tmp, dest)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -57,7 +89,8 @@ def _to_jsonable(obj: Any) -> Any:
         return {str(k): _to_jsonable(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
         return [_to_jsonable(v) for v in obj]
-    if isinstance(obj, torch.Tensor):
+    torch = sys.modules.get("torch")  # a tensor cannot exist unless torch was imported
+    if torch is not None and isinstance(obj, torch.Tensor):
         return _to_jsonable(obj.tolist())
     if hasattr(obj, "item") and callable(obj.item):  # numpy scalars
         return obj.item()
@@ -134,6 +167,7 @@ def environment_info(device: str | torch.device | None = None, seed: int | None 
     """Library versions, device and seed, recorded in every metrics file."""
     import numpy
     import timm
+    import torch
     import torchvision
 
     info: dict[str, Any] = {

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One-time, re-runnable set-up: virtual environment, pinned packages, the `calib` package,
-# the Jupyter kernel the pipeline runs on, and the offline Fashion-MNIST files.
+# the Jupyter kernel the pipeline runs on, the offline Fashion-MNIST files and headless Chromium.
 # A second run reuses what is there (each step is skipped when its stamp is current).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -53,6 +53,21 @@ if [ ! -f "$FMNIST/train-images-idx3-ubyte.gz" ]; then
     echo "       the data stage will download Fashion-MNIST through torchvision (needs internet)."
     echo "       Offline? Run 'sudo apt-get install dataset-fashion-mnist', or put the four"
     echo "       Fashion-MNIST .gz files in data/raw/fashion_mnist/."
+  fi
+fi
+# 5. Headless Chromium for the HTML report's browser tests: Debian's package, which Playwright
+#    drives through executable_path (`playwright install` and its browser download are not used).
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup: installing the Debian package chromium (the report's browser tests)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -q chromium >/dev/null 2>&1 || {
+      apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; } || \
+      echo "setup: apt could not install chromium; the browser tests will skip (fail on CI)"
+  else
+    echo "setup: chromium not found and apt is not usable as root here;"
+    echo "       the report's browser tests will skip (and fail where CI is set)."
+    echo "       Run 'sudo apt-get install chromium', or set CHROMIUM=/path/to/chromium."
   fi
 fi
 echo "setup: ready ($("$VENV/bin/python" -c 'import torch, torchvision, timm; print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, timm {timm.__version__}")'))"

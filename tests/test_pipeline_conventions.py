@@ -3,6 +3,7 @@
 * source notebooks carry no outputs and exactly one ``parameters`` cell;
 * every stage passes exactly the names of its notebook's parameters cell;
 * every params key a stage's command reads is declared in its ``params`` and vice versa;
+* executed notebooks are outputs; only the ``report`` stage, which renders them, reads them;
 * the committed params.yaml is the default profile, and every profile validates.
 """
 
@@ -22,6 +23,10 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
 
+#: The one stage that is not a notebook: it renders the executed notebooks into HTML.
+REPORT_STAGE = "report"
+
+
 def _stages() -> dict[str, dict]:
     with (ROOT / "dvc.yaml").open() as fh:
         doc = yaml.safe_load(fh)
@@ -29,6 +34,10 @@ def _stages() -> dict[str, dict]:
     for name, stage in doc["stages"].items():
         out[name] = stage["do"] if "do" in stage else stage
     return out
+
+
+def _notebook_stages() -> dict[str, dict]:
+    return {name: stage for name, stage in _stages().items() if name != REPORT_STAGE}
 
 
 def test_there_are_notebooks():
@@ -49,7 +58,13 @@ def test_exactly_one_parameters_cell(path):
     assert parameter_names(path)  # raises unless exactly one tagged cell
 
 
-@pytest.mark.parametrize("name,stage", sorted(_stages().items()))
+def test_every_stage_but_the_report_runs_a_notebook():
+    for name, stage in _notebook_stages().items():
+        assert stage["cmd"].startswith("python -m calib.pipeline notebooks/"), name
+    assert _stages()[REPORT_STAGE]["cmd"].startswith("python -m calib.site ")
+
+
+@pytest.mark.parametrize("name,stage", sorted(_notebook_stages().items()))
 def test_stage_passes_exactly_the_parameters_cell(name, stage):
     cmd = stage["cmd"]
     notebook = re.search(r"notebooks/\S+\.ipynb", cmd).group(0)
@@ -72,7 +87,7 @@ def test_stage_declares_exactly_the_params_it_reads(name, stage):
 
 
 def test_executed_notebooks_are_outputs_not_deps():
-    for name, stage in _stages().items():
+    for name, stage in _notebook_stages().items():
         for dep in stage.get("deps", []):
             assert not str(dep).startswith("reports/"), f"{name} depends on an executed notebook"
 

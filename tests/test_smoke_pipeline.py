@@ -201,6 +201,14 @@ def test_pipeline_is_up_to_date_after_repro(smoke_repo):
     assert "up to date" in out, out
 
 
+def test_noop_repro_is_fast(smoke_repo):
+    start = time.monotonic()
+    out = _run(["dvc", "repro"], smoke_repo).stdout
+    elapsed = time.monotonic() - start
+    assert not _stages_run(out), out
+    assert elapsed < 5.0, f"no-op dvc repro took {elapsed:.1f} s"
+
+
 def test_same_seed_same_clean_metrics(smoke_repo):
     before = _metrics(smoke_repo, "resnet")
     _run(["dvc", "repro", "--force", "--single-item", "train@resnet"], smoke_repo)
@@ -222,14 +230,6 @@ def _stages_run(output: str) -> set[str]:
     return set(re.findall(r"Running stage '([^']+)'", output))
 
 
-def test_noop_repro_is_fast(smoke_repo):
-    start = time.monotonic()
-    out = _run(["dvc", "repro"], smoke_repo).stdout
-    elapsed = time.monotonic() - start
-    assert not _stages_run(out), out
-    assert elapsed < 5.0, f"no-op dvc repro took {elapsed:.1f} s"
-
-
 def test_figures_are_byte_identical_when_rerun(smoke_repo):
     """Forced reruns with unchanged inputs rewrite every figure of these stages identically."""
     before = _figure_hashes(smoke_repo)
@@ -240,7 +240,20 @@ def test_figures_are_byte_identical_when_rerun(smoke_repo):
     after = _figure_hashes(smoke_repo)
     changed = [name for name in before if after.get(name) != before[name]]
     assert not changed, f"figures changed on an identical rerun: {changed}"
-    assert "up to date" in _run(["dvc", "status"], smoke_repo).stdout
+    # Only the executed notebooks changed (papermill records times), so only the report reruns.
+    assert _stages_run(_run(["dvc", "repro"], smoke_repo).stdout) <= {"report"}
+
+
+def test_report_site_renders_in_a_browser(smoke_repo):
+    """The report stage's site: a page per executed notebook, clean in headless Chromium."""
+    from browser import check_site, require_browser
+
+    chromium = require_browser()
+    site = smoke_repo / "reports/site"
+    notebooks = sorted(p.stem for p in (smoke_repo / "reports/notebooks").glob("*.ipynb")
+                       if not p.name.startswith("."))
+    assert sorted(p.stem for p in site.glob("*.html")) == sorted([*notebooks, "index"])
+    assert check_site(site / "index.html", chromium=chromium) == []
 
 
 def test_exp_run_eps_reruns_only_attacks_and_dependents(smoke_repo):
@@ -271,3 +284,4 @@ def test_exp_run_eps_reruns_only_attacks_and_dependents(smoke_repo):
         for name, summary in attacks["attacks"].items():
             if summary["norm"] == "linf":
                 assert summary["linf_max"] <= 0.03 + 1e-6, (model, name)
+
