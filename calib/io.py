@@ -46,6 +46,29 @@ def atomic_path(path: str | os.PathLike[str], suffix: str | None = None) -> Iter
             tmp.unlink()
 
 
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary folder beside ``path``; rename it onto ``path`` if the block succeeds.
+
+    The folder counterpart of :func:`atomic_path` (e.g. a copied image tree): ``path`` must not
+    exist yet; a failure removes the temporary folder and leaves ``path`` absent.
+    """
+    import shutil
+
+    dest = Path(path)
+    if dest.exists():
+        raise FileExistsError(f"{dest} already exists")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        yield tmp
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private (0700); mkdir would not
+        os.replace(tmp, dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

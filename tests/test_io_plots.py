@@ -22,6 +22,24 @@ def test_atomic_path_leaves_nothing_on_failure(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_atomic_dir_renames_on_success_and_cleans_up_on_failure(tmp_path):
+    target = tmp_path / "sub" / "tree"
+    with io.atomic_dir(target) as tmp:
+        (tmp / "a").mkdir()
+        (tmp / "a" / "f.txt").write_text("x")
+        assert not target.exists()
+    assert (target / "a" / "f.txt").read_text() == "x"
+    assert [p.name for p in target.parent.iterdir()] == ["tree"]
+    with pytest.raises(FileExistsError):
+        with io.atomic_dir(target):
+            pass
+    other = tmp_path / "other"
+    with pytest.raises(RuntimeError), io.atomic_dir(other) as tmp:
+        (tmp / "half").write_text("half")
+        raise RuntimeError("killed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sub"]
+
+
 def test_atomic_files_get_ordinary_permissions(tmp_path):
     old = os.umask(0o022)
     try:
