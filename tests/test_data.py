@@ -591,6 +591,22 @@ def test_long_tailed_subset_sizes_membership_and_seeding(k, per_class, ratio, se
     assert bool((counts[:-1] >= counts[1:]).all())      # head first, tail last
 
 
+def test_long_tailed_counts_skip_empty_classes():
+    # A tiny subset of a 100-class split: most classes are empty and keep none; the others
+    # keep the size of their position in the profile, from the smallest non-empty class.
+    available = torch.zeros(100, dtype=torch.int64)
+    available[[0, 1, 50, 99]] = torch.tensor([3, 5, 4, 2])
+    counts = imbalance.long_tailed_counts(available, 100)
+    assert counts[[0, 1, 50, 99]].tolist() == [2, 1, 1, 1]
+    assert int(counts.sum()) == 5
+    labels = torch.tensor([0, 0, 0, 1, 1, 1, 1, 1, 50, 50, 50, 50, 99, 99])
+    kept = imbalance.long_tailed_subset(torch.arange(14), labels, imbalance_ratio=100,
+                                        num_classes=100, seed=0)
+    assert data.class_counts(labels[kept], 100)[[0, 1, 50, 99]].tolist() == [2, 1, 1, 1]
+    with pytest.raises(ValueError, match="some images"):
+        imbalance.long_tailed_counts(torch.zeros(5, dtype=torch.int64), 10)
+
+
 def test_long_tailed_subset_rejects_bad_ratio_and_shapes():
     labels = torch.tensor([0, 1, 0, 1])
     with pytest.raises(ValueError, match="imbalance_ratio"):
