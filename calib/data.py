@@ -1135,6 +1135,13 @@ def make_splits(train_labels: Tensor, n_test: int, *, val_fraction: float, attac
                                       seed=seed)
     if train.numel() == 0:
         raise ValueError(f"val_fraction={val_fraction} leaves no training images")
+    if val.numel() == 0:
+        largest = int(torch.bincount(labels.to(torch.int64)).max())
+        raise ValueError(
+            f"val_fraction={val_fraction} leaves no validation images: each class's share "
+            f"rounds to 0 (the largest class has {largest} images); the validation split "
+            f"picks the best checkpoint and fits the recalibration methods, so raise "
+            f"val_fraction or use more training images")
     return {"train": train, "val": val, "test": torch.arange(n_test),
             "attack": torch.arange(min(attack_size, n_test))}
 

@@ -486,7 +486,7 @@ def test_make_splits_is_seeded_stratified_disjoint_and_complete():
 def test_make_splits_properties(sizes, val_fraction, seed):
     labels = _class_labels(sizes)
     n_train = [math.floor((1 - val_fraction) * n + 0.5) for n in sizes]
-    if sum(n_train) == 0:
+    if sum(n_train) == 0 or sum(n_train) == sum(sizes):
         with pytest.raises(ValueError, match="val_fraction"):
             data.make_splits(labels, 3, val_fraction=val_fraction, attack_size=1, seed=seed)
         return
@@ -504,6 +504,16 @@ def test_make_splits_properties(sizes, val_fraction, seed):
 def test_bad_val_fraction_names_the_key(bad):
     with pytest.raises(ValueError, match="val_fraction"):
         data.make_splits(torch.arange(10) % 2, 5, val_fraction=bad, attack_size=2, seed=0)
+
+
+def test_val_fraction_too_small_for_the_classes_is_named():
+    # 5 images per class: 10% rounds to none (4.5 of 5 go to training), so no validation split.
+    labels = torch.arange(4).repeat_interleave(5)
+    with pytest.raises(ValueError, match=r"val_fraction=0\.1 leaves no validation images.*5"):
+        data.make_splits(labels, 4, val_fraction=0.1, attack_size=2, seed=0)
+    splits = data.make_splits(torch.arange(4).repeat_interleave(6), 4, val_fraction=0.1,
+                              attack_size=2, seed=0)
+    assert splits["val"].numel() == 4
 
 
 def test_bad_attack_size_names_the_key():
