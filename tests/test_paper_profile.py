@@ -9,8 +9,9 @@ files written in each dataset's native format (CIFAR pickles, GTSRB PPM folders 
 Caltech-101 JPEG folders), copied in by the data stage from a mirror folder (``data.mirror``)
 and checked against the fake files' MD5s (``data.checksums``); images are resized to 224x224x3;
 the architectures are built through timm with the paper's names; and ``dvc repro`` runs every
-stage for CIFAR-100 and the data, training and attack stages of two models for Caltech-101
-and GTSRB. Only the downloads themselves (data and pretrained weights) are left untested.
+stage for CIFAR-100 and the data, training and attack stages of ResNet-50, ViT-B/16 and the
+long-tailed ResNet-50 for Caltech-101 and GTSRB. Only the downloads themselves (data and
+pretrained weights) are left untested.
 
 The CIFAR-100 pipeline and the two others run side by side (one torch thread each), so the
 file takes about as long as the CIFAR-100 pipeline alone.
@@ -60,8 +61,8 @@ CPU_SCALE: dict = {
 #: Per dataset: the models whose train and attack stages run (CIFAR-100: the whole pipeline).
 TARGETS: dict[str, tuple[str, ...]] = {
     "cifar100": (),
-    "caltech101": ("resnet", "vit"),
-    "gtsrb": ("resnet", "vit"),
+    "caltech101": ("resnet", "vit", "resnet_lt"),
+    "gtsrb": ("resnet", "vit", "resnet_lt"),
 }
 NUM_CLASSES = {"cifar100": 100, "caltech101": 101, "gtsrb": 43}
 
@@ -204,14 +205,15 @@ def test_attacks_keep_labels_on_224_px_inputs(paper_repos, dataset):
         assert all(float(x.min()) >= 0 and float(x.max()) <= 1 for x in adversarial.values())
 
 
-def test_long_tailed_model_trains_on_a_long_tailed_subset(paper_repos):
-    counts = torch.tensor(_json(paper_repos["cifar100"] / "results/resnet_lt/clean_metrics.json")
-                          ["train_class_counts"])
-    balanced = torch.tensor(_json(paper_repos["cifar100"] / "results/resnet/clean_metrics.json")
-                            ["train_class_counts"])
-    assert counts.numel() == 100 and int(counts.sum()) >= 1
+@pytest.mark.parametrize("dataset", sorted(TARGETS))
+def test_long_tailed_model_trains_on_a_long_tailed_subset(paper_repos, dataset):
+    results = paper_repos[dataset] / "results"
+    counts = torch.tensor(_json(results / "resnet_lt/clean_metrics.json")["train_class_counts"])
+    balanced = torch.tensor(_json(results / "resnet/clean_metrics.json")["train_class_counts"])
+    assert counts.numel() == NUM_CLASSES[dataset] and int(counts.sum()) >= 1
     assert bool((counts <= balanced).all())
-    assert set(torch.nonzero(counts).flatten().tolist()) <= set(CIFAR_CLASSES)
+    assert set(torch.nonzero(counts).flatten().tolist()) <= set(torch.nonzero(balanced)
+                                                                .flatten().tolist())
 
 
 def test_every_cifar100_stage_ran_and_the_pipeline_is_up_to_date(paper_repos):
