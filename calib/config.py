@@ -72,6 +72,24 @@ def _check_data(data: Mapping[str, Any]) -> None:
     if not isinstance(_get(data, "root", "data"), str):
         raise ConfigError("data.root must be a path string")
     require_bool(_get(data, "download", "data"), "data.download")
+    mirror = _get(data, "mirror", "data")
+    if not isinstance(mirror, str):
+        raise ConfigError(f"data.mirror must be a folder path string (\"\" for none), "
+                          f"got {mirror!r}")
+    if mirror and not Path(mirror).is_dir():
+        raise ConfigError(f"data.mirror = {mirror!r} is not a folder; it should hold "
+                          f"<dataset>/ with the raw files (\"\" for none)")
+    checksums = _get(data, "checksums", "data")
+    if not isinstance(checksums, str):
+        raise ConfigError(f"data.checksums must be a path string to a JSON file (\"\" for the "
+                          f"published checksums), got {checksums!r}")
+    if checksums:
+        from calib.data import read_checksums
+
+        try:
+            read_checksums(checksums)
+        except ValueError as err:
+            raise ConfigError(f"data.checksums: {err}") from None
     require_number(_get(data, "val_fraction", "data"), "data.val_fraction", low=0, high=1,
                    low_open=True, high_open=True)
     require_int(_get(data, "attack_size", "data"), "data.attack_size", minimum=1)

@@ -8,9 +8,9 @@ so every loader here yields images in [0, 1].
 
 Three steps, each usable on its own:
 
-* :func:`fetch` makes the raw files available under ``root/<name>/`` (local copy, then the
-  system's dataset package, then a download) and :func:`verify` checks them against the
-  published MD5 checksums;
+* :func:`fetch` makes the raw files available under ``root/<name>/`` (local copy, then a
+  local mirror folder, then the system's dataset package, then a download) and :func:`verify`
+  checks them against the published MD5 checksums (or a table read by :func:`read_checksums`);
 * :func:`load_split` reads the official train or test split into a :class:`LabeledImages`
   dataset, straight from the native on-disk format (IDX, CIFAR pickles, SVHN ``.mat``, GTSRB and
   Caltech-101 image folders), without torchvision ``Dataset`` objects;
@@ -23,6 +23,7 @@ from __future__ import annotations
 import csv
 import gzip
 import hashlib
+import json
 import math
 import os
 import pickle
@@ -41,7 +42,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from calib.constants import FASHION_MNIST_MEAN, FASHION_MNIST_STD, IMAGENET_MEAN, IMAGENET_STD
-from calib.io import atomic_path, load_tensors, save_tensors
+from calib.io import atomic_dir, atomic_path, load_tensors, save_tensors
 
 #: The official splits every dataset offers through :func:`load_split`.
 SPLITS: tuple[str, ...] = ("train", "test")
@@ -462,16 +463,61 @@ def verify(name: str, root: str | os.PathLike[str], *,
 
 def _copy_from_system(folder: Path, missing: Sequence[str],
                       system_dirs: Sequence[str | os.PathLike[str]]) -> list[str]:
-    """Copy missing files found in ``system_dirs``; return what is still missing."""
+    """Copy missing raw paths found in ``system_dirs``; return what is still missing.
+
+    A raw path is a file (copied atomically) or a folder (GTSRB's ``GTSRB/Training``,
+    Caltech-101's ``101_ObjectCategories``: the whole tree is copied into a temporary folder
+    and renamed into place, so an interrupted copy leaves nothing behind).
+    """
     still = []
     for rel in missing:
-        src = next((Path(d) / rel for d in system_dirs if (Path(d) / rel).is_file()), None)
+        src = next((Path(d) / rel for d in system_dirs if (Path(d) / rel).exists()), None)
         if src is None:
             still.append(rel)
             continue
-        with atomic_path(folder / rel) as tmp:
-            shutil.copyfile(src, tmp)
+        if src.is_dir():
+            with atomic_dir(folder / rel) as tmp:
+                shutil.copytree(src, tmp, dirs_exist_ok=True)
+        else:
+            with atomic_path(folder / rel) as tmp:
+                shutil.copyfile(src, tmp)
     return still
+
+
+def read_checksums(path: str | os.PathLike[str] | None) -> dict[str, str] | None:
+    """The MD5 table in a JSON file (raw path -> MD5), or None when ``path`` is empty.
+
+    Such a file replaces the published checksums of :data:`CHECKSUMS` in :func:`fetch` and
+    :func:`verify` (the pipeline's ``data.checksums``): for re-packaged raw files, or for the
+    tests' small fake files. Paths are relative to ``root/<name>/``, e.g.
+    ``{"cifar-100-python/train": "<32 hex digits>", ...}``.
+
+    Raises:
+        ValueError: the file is missing, is not JSON, or is not a mapping of relative paths to
+            32-digit hexadecimal MD5 strings (the message names the file and the entry).
+    """
+    if path is None or os.fspath(path) == "":
+        return None
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"checksums file {p} does not exist (data.checksums: a JSON file "
+                         f"mapping raw paths to MD5s, or \"\" for the published checksums)")
+    try:
+        table = json.loads(p.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"checksums file {p} is not valid JSON: {err}") from None
+    if not isinstance(table, dict):
+        raise ValueError(f"checksums file {p} must hold a JSON object mapping raw paths to "
+                         f"MD5s, got {type(table).__name__}")
+    for rel, md5 in table.items():
+        if not rel or Path(rel).is_absolute() or ".." in Path(rel).parts:
+            raise ValueError(f"checksums file {p}: {rel!r} is not a path relative to the "
+                             f"dataset folder")
+        if not isinstance(md5, str) or len(md5) != 32 \
+                or any(c not in "0123456789abcdef" for c in md5.lower()):
+            raise ValueError(f"checksums file {p}: the MD5 of {rel!r} must be 32 hexadecimal "
+                             f"digits, got {md5!r}")
+    return {str(rel): md5.lower() for rel, md5 in table.items()}
 
 
 def _download_file(url: str, folder: Path, filename: str, md5: str | None) -> None:
@@ -522,13 +568,14 @@ def _download(info: DatasetInfo, folder: Path, missing: Sequence[str]) -> None:
 def fetch(name: str, root: str | os.PathLike[str], *, download: bool = True,
           system_dirs: Sequence[str | os.PathLike[str]] | None = None,
           checksums: Mapping[str, str] | None = None,
-          payload_checksums: Mapping[str, str] | None = None) -> Path:
+          payload_checksums: Mapping[str, str] | None = None,
+          mirror: str | os.PathLike[str] | None = None) -> Path:
     """Make the raw files of ``name`` available under ``root/<name>/`` and verify them.
 
-    Files already there are kept; missing ones are copied from ``system_dirs`` (for
-    Fashion-MNIST by default the Debian package's folder :data:`DEBIAN_FASHION_MNIST_DIR`),
-    then, if ``download``, downloaded with torchvision's downloader. Calling it again is cheap
-    and changes nothing.
+    Files already there are kept; missing ones are copied from ``mirror/<name>/``, then from
+    ``system_dirs`` (for Fashion-MNIST by default the Debian package's folder
+    :data:`DEBIAN_FASHION_MNIST_DIR`), then, if ``download``, downloaded with torchvision's
+    downloader. Calling it again is cheap and changes nothing.
 
     Args:
         name: a registered dataset.
@@ -537,6 +584,9 @@ def fetch(name: str, root: str | os.PathLike[str], *, download: bool = True,
         system_dirs: folders to copy raw files from, searched in order; None means the
             Debian folder for Fashion-MNIST and none for the others.
         checksums, payload_checksums: overrides of the published checksums (see :func:`verify`).
+        mirror: a local folder laid out like ``root`` (one ``<name>/`` subfolder per dataset,
+            e.g. a lab's shared copy), searched before ``system_dirs``; None or "" for none
+            (the pipeline's ``data.mirror``).
 
     Returns:
         The folder ``root/<name>/`` holding the verified raw files.
@@ -552,6 +602,11 @@ def fetch(name: str, root: str | os.PathLike[str], *, download: bool = True,
     required = _required(info, table)
     if system_dirs is None:
         system_dirs = (DEBIAN_FASHION_MNIST_DIR,) if name == "fashion_mnist" else ()
+    if mirror is not None and os.fspath(mirror) != "":
+        if not Path(mirror).is_dir():
+            raise DataUnavailableError(f"{info.title}: the mirror folder {mirror} does not "
+                                       f"exist (it should hold {name}/ with the raw files)")
+        system_dirs = (Path(mirror) / name, *system_dirs)
     missing = _missing(folder, required)
     if missing:
         missing = _copy_from_system(folder, missing, system_dirs)
@@ -1080,6 +1135,13 @@ def make_splits(train_labels: Tensor, n_test: int, *, val_fraction: float, attac
                                       seed=seed)
     if train.numel() == 0:
         raise ValueError(f"val_fraction={val_fraction} leaves no training images")
+    if val.numel() == 0:
+        largest = int(torch.bincount(labels.to(torch.int64)).max())
+        raise ValueError(
+            f"val_fraction={val_fraction} leaves no validation images: each class's share "
+            f"rounds to 0 (the largest class has {largest} images); the validation split "
+            f"picks the best checkpoint and fits the recalibration methods, so raise "
+            f"val_fraction or use more training images")
     return {"train": train, "val": val, "test": torch.arange(n_test),
             "attack": torch.arange(min(attack_size, n_test))}
 

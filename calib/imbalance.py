@@ -19,12 +19,16 @@ def long_tailed_counts(available: Tensor, imbalance_ratio: float) -> Tensor:
     smallest available class size, so class 0 is the head and class K-1 the tail with
     ``n_max / ratio`` images (the paper's CIFAR-100-LT uses ratio 100; SPEC §9).
 
+    A class with no images at all (a small seeded subset of a 100-class training split need
+    not hold every class) keeps none and is left out of ``n_max``; the others keep their
+    place in the profile (class ``c`` still gets the size of position ``c``).
+
     Args:
         available: int64 tensor (K,) of the images available per class.
         imbalance_ratio: head-to-tail size ratio, >= 1 (1 = balanced).
 
     Returns:
-        int64 tensor (K,), every entry >= 1.
+        int64 tensor (K,): >= 1 for every class with images, 0 for the empty ones.
     """
     if isinstance(imbalance_ratio, bool) or not isinstance(imbalance_ratio, int | float) \
             or not float(imbalance_ratio) >= 1.0:
@@ -32,12 +36,13 @@ def long_tailed_counts(available: Tensor, imbalance_ratio: float) -> Tensor:
                          f"got {imbalance_ratio!r}")
     available = torch.as_tensor(available).to(torch.int64).reshape(-1)
     k = available.numel()
-    if k < 2 or int(available.min()) < 1:
-        raise ValueError(f"need at least 2 classes with >= 1 image each, got {available.tolist()}")
-    n_max = int(available.min())
+    present = available > 0
+    if k < 2 or int(available.min()) < 0 or int(present.sum()) < 1:
+        raise ValueError(f"need at least 2 classes and some images, got {available.tolist()}")
+    n_max = int(available[present].min())
     exponent = torch.arange(k, dtype=torch.float64) / (k - 1)
     counts = torch.floor(n_max * float(imbalance_ratio) ** (-exponent)).to(torch.int64)
-    return counts.clamp(min=1)
+    return torch.where(present, counts.clamp(min=1), torch.zeros_like(counts))
 
 
 def long_tailed_subset(indices: Tensor, labels: Tensor, *, imbalance_ratio: float,

@@ -49,7 +49,13 @@ def parameter_names(notebook: str | Path) -> list[str]:
 
 
 def parse_value(text: str) -> Any:
-    """A command-line value as YAML would read it (DVC renders booleans as true/false)."""
+    """A command-line value as YAML would read it (DVC renders booleans as true/false).
+
+    An empty value (a quoted empty string in dvc.yaml, e.g. ``"${data.mirror}"``) stays the
+    empty string; YAML alone would read it as null.
+    """
+    if text == "":
+        return ""
     value = yaml.safe_load(text)
     return text if isinstance(value, dict | list) else value
 

@@ -146,16 +146,35 @@ def training_curves(history: Sequence[dict[str, float]], *, title: str | None = 
     return fig
 
 
+def shown_classes(labels: torch.Tensor, num_classes: int, max_classes: int) -> list[int]:
+    """The classes a per-class figure shows: all of them when there are at most
+    ``max_classes``, else ``max_classes`` of the classes present in ``labels``, evenly spaced
+    over their sorted list (the first and last included)."""
+    if num_classes <= max_classes:
+        return list(range(num_classes))
+    present = sorted({int(v) for v in torch.as_tensor(labels).reshape(-1).tolist()})
+    if len(present) <= max_classes:
+        return present
+    picks = np.linspace(0, len(present) - 1, max_classes).round().astype(int)
+    return [present[i] for i in picks]
+
+
 def image_grid(images: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str], *,
-               per_class: int = 6, title: str | None = None) -> Figure:
-    """A grid with ``per_class`` example images (rows) for each class (columns)."""
+               per_class: int = 6, title: str | None = None, max_classes: int = 20) -> Figure:
+    """A grid with ``per_class`` example images (rows) for each class (columns).
+
+    With more than ``max_classes`` classes (CIFAR-100, Caltech-101, GTSRB) only
+    ``max_classes`` columns are drawn (:func:`shown_classes`) and the title says so: a
+    100-column grid is neither readable nor quick to draw.
+    """
     use_style()
-    k = len(class_names)
+    classes = shown_classes(labels, len(class_names), max_classes)
+    k = len(classes)
     fig, axes = plt.subplots(per_class, k, figsize=(1.05 * k, 1.1 * per_class), squeeze=False)
-    for c in range(k):
+    for col, c in enumerate(classes):
         idx = torch.nonzero(labels == c).flatten()[:per_class]
         for r in range(per_class):
-            ax = axes[r, c]
+            ax = axes[r, col]
             ax.axis("off")
             if r < len(idx):
                 img = images[idx[r]].detach().cpu().float()
@@ -165,6 +184,8 @@ def image_grid(images: torch.Tensor, labels: torch.Tensor, class_names: Sequence
                     ax.imshow(img.permute(1, 2, 0).clamp(0, 1).numpy())
             if r == 0:
                 ax.set_title(class_names[c], fontsize=8)
+    if k < len(class_names):
+        title = f"{title or 'examples'} ({k} of {len(class_names)} classes)"
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -172,17 +193,25 @@ def image_grid(images: torch.Tensor, labels: torch.Tensor, class_names: Sequence
 
 
 def class_balance(counts: dict[str, Sequence[int]], class_names: Sequence[str], *,
-                  title: str | None = None) -> Figure:
-    """Grouped bar chart of samples per class for each split."""
+                  title: str | None = None, max_named: int = 30) -> Figure:
+    """Grouped bar chart of samples per class for each split (class names on the axis for up
+    to ``max_named`` classes, class indices beyond)."""
     use_style()
     k = len(class_names)
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * k), 3.4))
+    if k > max_named:  # too many names to read: class indices every 10 classes instead
+        fig, ax = plt.subplots(figsize=(12.0, 3.4))
+    else:
+        fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * k), 3.4))
     width = 0.8 / max(1, len(counts))
     for i, (split, values) in enumerate(counts.items()):
         ax.bar(np.arange(k) + i * width - 0.4 + width / 2, list(values), width=width,
                label=split, color=PALETTE[i % len(PALETTE)])
-    ax.set_xticks(np.arange(k))
-    ax.set_xticklabels(class_names, rotation=35, ha="right")
+    if k > max_named:
+        ax.set_xticks(np.arange(0, k, 10))
+        ax.set_xlabel("class index")
+    else:
+        ax.set_xticks(np.arange(k))
+        ax.set_xticklabels(class_names, rotation=35, ha="right")
     ax.set_ylabel("images")
     ax.legend()
     if title:

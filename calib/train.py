@@ -163,6 +163,10 @@ def fit(
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
+    for key, part in (("train_data", train_data), ("val_data", val_data)):
+        if len(part) == 0:  # type: ignore[arg-type]
+            raise ValueError(f"{key} is empty: training needs images to fit on and a "
+                             f"validation split to pick the best epoch")
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r}; allowed: {list(OPTIMIZERS)}")
     device = torch.device(device)

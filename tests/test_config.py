@@ -23,6 +23,10 @@ def params():
     (("data", "val_fraction"), 0.0, r"data\.val_fraction.*\(0, 1\)"),
     (("data", "val_fraction"), 1.5, r"data\.val_fraction"),
     (("data", "attack_size"), 0, r"data\.attack_size must be >= 1"),
+    (("data", "mirror"), None, r"data\.mirror must be a folder path string"),
+    (("data", "mirror"), "/no/such/mirror", r"data\.mirror = '/no/such/mirror' is not a folder"),
+    (("data", "checksums"), False, r"data\.checksums must be a path string"),
+    (("data", "checksums"), "/no/such.json", r"data\.checksums: checksums file .* not exist"),
     (("models", "resnet", "train", "epochs"), 0, r"models\.resnet\.train\.epochs must be >= 1"),
     (("models", "vit", "train", "optimizer"), "adam",
      r"models\.vit\.train\.optimizer.*'sgd', 'adamw'"),
@@ -68,6 +72,22 @@ def test_missing_keys_are_named(params):
     del bad["data"]["attack_size"]
     with pytest.raises(ConfigError, match=r"data\.attack_size"):
         check_params(bad)
+
+
+def test_mirror_and_checksums_point_at_existing_files(params, tmp_path):
+    good = copy.deepcopy(params)
+    assert good["data"]["mirror"] == "" and good["data"]["checksums"] == ""
+    (tmp_path / "mirror").mkdir()
+    table = tmp_path / "md5.json"
+    table.write_text('{"cifar-100-python/train": "' + "a" * 32 + '"}')
+    good["data"].update(mirror=str(tmp_path / "mirror"), checksums=str(table))
+    check_params(good)
+    table.write_text('{"cifar-100-python/train": "xyz"}')
+    with pytest.raises(ConfigError, match=r"data\.checksums: .*32 hexadecimal digits"):
+        check_params(good)
+    del good["data"]["mirror"]
+    with pytest.raises(ConfigError, match=r"missing parameter data\.mirror"):
+        check_params(good)
 
 
 def test_deep_merge_overlays_and_removes():

@@ -1,8 +1,9 @@
 """Dataset registry, raw files and checksums, loaders and splits (calib.data).
 
-Every registered dataset is exercised on tiny fake raw files written here in its native on-disk
-format, with checksum overrides; nothing touches the network (downloads are replaced by local
-stand-ins). One test reads the real Fashion-MNIST files of the Debian package when installed.
+Every registered dataset is exercised on tiny fake raw files in its native on-disk format
+(written by ``fake_data.py``), with checksum overrides; nothing touches the network (downloads
+are replaced by local stand-ins). One test reads the real Fashion-MNIST files of the Debian
+package when installed.
 """
 
 from __future__ import annotations
@@ -11,202 +12,31 @@ import collections
 import gzip
 import hashlib
 import math
-import pickle
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from fake_data import (
+    CALTECH_FAKE,
+    WRITERS,
+    fashion_payloads,
+    idx_bytes,
+    md5,
+    write_caltech101,
+    write_checksums_json,
+    write_cifar10,
+    write_cifar100,
+    write_fashion_mnist,
+    write_gz,
+    write_pickle,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from PIL import Image
 from torch.utils.data import DataLoader
 
 from calib import data, imbalance
-
-FakeWriter = Callable[[Path], dict]
-
-
-def _md5(path: Path) -> str:
-    return hashlib.md5(path.read_bytes(), usedforsecurity=False).hexdigest()
-
-
-def _rng(seed: int = 0) -> np.random.Generator:
-    return np.random.default_rng(seed)
-
-
-# --------------------------------------------------------------------------------------------
-# Fake raw files in each dataset's native format. Each writer fills root/<name>/ and returns
-# {"checksums": {...}, "train"/"test": (uint8 images (N, C, H, W) or colours, labels)}.
-# --------------------------------------------------------------------------------------------
-
-
-def _idx_bytes(array: np.ndarray) -> bytes:
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
-        int(d).to_bytes(4, "big") for d in array.shape)
-    return header + array.astype(np.uint8).tobytes()
-
-
-def _fashion_payloads(n_train: int = 20, n_test: int = 10) -> tuple[dict[str, bytes], dict]:
-    rng = _rng(1)
-    x_tr = rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8)
-    x_te = rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8)
-    y_tr = (np.arange(n_train) % 10).astype(np.uint8)
-    y_te = (np.arange(n_test)[::-1] % 10).astype(np.uint8)
-    payloads = {
-        "train-images-idx3-ubyte.gz": _idx_bytes(x_tr),
-        "train-labels-idx1-ubyte.gz": _idx_bytes(y_tr),
-        "t10k-images-idx3-ubyte.gz": _idx_bytes(x_te),
-        "t10k-labels-idx1-ubyte.gz": _idx_bytes(y_te),
-    }
-    expected = {"train": (x_tr[:, None], y_tr), "test": (x_te[:, None], y_te)}
-    return payloads, expected
-
-
-def _write_gz(folder: Path, payloads: dict[str, bytes], *, mtime: int = 0) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, payload in payloads.items():
-        (folder / name).write_bytes(gzip.compress(payload, mtime=mtime))
-
-
-def write_fashion_mnist(root: Path) -> dict:
-    payloads, expected = _fashion_payloads()
-    folder = root / "fashion_mnist"
-    _write_gz(folder, payloads)
-    return {"checksums": {f: _md5(folder / f) for f in payloads},
-            "payload_checksums": {f: hashlib.md5(p, usedforsecurity=False).hexdigest()
-                                  for f, p in payloads.items()},
-            **expected}
-
-
-def _pickle(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("wb") as fh:
-        pickle.dump(obj, fh, protocol=2)
-
-
-def _cifar_images(rng: np.random.Generator, n: int) -> np.ndarray:
-    return rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)
-
-
-def write_cifar10(root: Path) -> dict:
-    rng = _rng(2)
-    base = root / "cifar10" / "cifar-10-batches-py"
-    xs, ys = [], []
-    for i in range(1, 6):
-        x, y = _cifar_images(rng, 2), [(2 * i) % 10, (2 * i + 1) % 10]
-        _pickle(base / f"data_batch_{i}", {"batch_label": f"batch {i}", "labels": y,
-                                           "data": x.reshape(2, -1), "filenames": ["a", "b"]})
-        xs.append(x)
-        ys += y
-    x_te, y_te = _cifar_images(rng, 3), [9, 0, 4]
-    _pickle(base / "test_batch", {"batch_label": "test", "labels": y_te,
-                                  "data": x_te.reshape(3, -1), "filenames": ["c"] * 3})
-    _pickle(base / "batches.meta", {"label_names": list(data.CIFAR10_CLASSES),
-                                    "num_cases_per_batch": 2, "num_vis": 3072})
-    checksums = {rel: _md5(root / "cifar10" / rel) for rel in data.CHECKSUMS["cifar10"]}
-    return {"checksums": checksums, "train": (np.concatenate(xs), np.array(ys)),
-            "test": (x_te, np.array(y_te))}
-
-
-def write_cifar100(root: Path) -> dict:
-    rng = _rng(3)
-    base = root / "cifar100" / "cifar-100-python"
-    out: dict = {}
-    for split, n in (("train", 6), ("test", 4)):
-        x = _cifar_images(rng, n)
-        y = [int(v) for v in rng.integers(0, 100, n)]
-        _pickle(base / split, {"filenames": ["f"] * n, "batch_label": split, "fine_labels": y,
-                               "coarse_labels": [v // 5 for v in y], "data": x.reshape(n, -1)})
-        out[split] = (x, np.array(y))
-    _pickle(base / "meta", {"fine_label_names": list(data.CIFAR100_CLASSES),
-                            "coarse_label_names": [f"super{i}" for i in range(20)]})
-    out["checksums"] = {rel: _md5(root / "cifar100" / rel) for rel in data.CHECKSUMS["cifar100"]}
-    return out
-
-
-def write_svhn(root: Path) -> dict:
-    import scipy.io
-
-    rng = _rng(4)
-    folder = root / "svhn"
-    folder.mkdir(parents=True)
-    out: dict = {}
-    for split, n in (("train", 7), ("test", 5)):
-        x = rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)
-        digits = np.arange(n) % 10
-        y = np.where(digits == 0, 10, digits).astype(np.uint8)[:, None]  # 10 means digit 0
-        scipy.io.savemat(folder / f"{split}_32x32.mat",
-                         {"X": np.transpose(x, (2, 3, 1, 0)), "y": y})
-        out[split] = (x, digits)
-    out["checksums"] = {f: _md5(folder / f) for f in data.CHECKSUMS["svhn"]}
-    return out
-
-
-def _solid(path: Path, size: tuple[int, int], colour: tuple[int, ...], mode: str = "RGB"
-           ) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new(mode, size, colour[0] if mode == "L" else colour).save(path)
-
-
-def write_gtsrb(root: Path) -> dict:
-    folder = root / "gtsrb"
-    train_colours, train_labels = [], []
-    for cls, sizes in ((0, [(30, 31), (45, 40)]), (2, [(25, 25)]), (42, [(60, 52), (33, 29)])):
-        class_dir = folder / "GTSRB" / "Training" / f"{cls:05d}"
-        rows = ["Filename;Width;Height;Roi.X1;Roi.Y1;Roi.X2;Roi.Y2;ClassId"]
-        for i, size in enumerate(sizes):
-            colour = (10 * cls % 256, 50 + i, 200)
-            _solid(class_dir / f"00000_{i:05d}.ppm", size, colour)
-            rows.append(f"00000_{i:05d}.ppm;{size[0]};{size[1]};1;1;5;5;{cls}")
-            train_colours.append(colour)
-            train_labels.append(cls)
-        (class_dir / f"GT-{cls:05d}.csv").write_text("\n".join(rows) + "\n")
-    test_colours, test_labels = [], []
-    rows = ["Filename;Width;Height;Roi.X1;Roi.Y1;Roi.X2;Roi.Y2;ClassId"]
-    for i, cls in enumerate([14, 0, 42]):
-        colour = (i * 40, 255 - i, 7)
-        _solid(folder / "GTSRB" / "Final_Test" / "Images" / f"{i:05d}.ppm", (40 + i, 35), colour)
-        rows.append(f"{i:05d}.ppm;{40 + i};35;1;1;5;5;{cls}")
-        test_colours.append(colour)
-        test_labels.append(cls)
-    (folder / "GT-final_test.csv").write_text("\n".join(rows) + "\n")
-    return {"checksums": {"GT-final_test.csv": _md5(folder / "GT-final_test.csv")},
-            "train": (train_colours, np.array(train_labels)),
-            "test": (test_colours, np.array(test_labels))}
-
-
-_CALTECH_FAKE = ("Faces", "accordion", "yin_yang")
-
-
-def write_caltech101(root: Path) -> dict:
-    cats = root / "caltech101" / "101_ObjectCategories"
-    colours: dict[str, tuple[int, int, int]] = {}
-    for c, name in enumerate(_CALTECH_FAKE):
-        for i in range(1, 11):
-            colour = (20 * c + i, 100 + c, 90 + i)
-            path = cats / name / f"image_{i:04d}.jpg"
-            if name == "accordion" and i == 3:  # Caltech-101 holds some grayscale images
-                colour = (77, 77, 77)
-                _solid(path, (50, 37), colour, mode="L")
-            else:
-                _solid(path, (41 + i, 30 + c), colour)
-            colours[str(path)] = colour
-    _solid(cats / "BACKGROUND_Google" / "image_0001.jpg", (20, 20), (0, 0, 0))
-    rel = "101_ObjectCategories/accordion/image_0001.jpg"
-    return {"checksums": {rel: _md5(root / "caltech101" / rel)}, "colours": colours}
-
-
-WRITERS: dict[str, FakeWriter] = {
-    "fashion_mnist": write_fashion_mnist,
-    "cifar10": write_cifar10,
-    "cifar100": write_cifar100,
-    "svhn": write_svhn,
-    "gtsrb": write_gtsrb,
-    "caltech101": write_caltech101,
-}
 
 
 def _fetch_fake(name: str, root: Path) -> dict:
@@ -301,7 +131,7 @@ def test_caltech101_split_is_stratified_80_10_10_and_converts_grayscale(tmp_path
     fake = _fetch_fake("caltech101", tmp_path)
     train = data.load_split("caltech101", tmp_path, "train", img_size=12)
     test = data.load_split("caltech101", tmp_path, "test", img_size=12)
-    expected_labels = [data.CALTECH101_CLASSES.index(c) for c in _CALTECH_FAKE]
+    expected_labels = [data.CALTECH101_CLASSES.index(c) for c in CALTECH_FAKE]
     # 10 images per class: 8 train + 1 val in the "train" pool, 1 in "test"; background skipped.
     assert data.class_counts(train.labels, 101)[expected_labels].tolist() == [9, 9, 9]
     assert data.class_counts(test.labels, 101)[expected_labels].tolist() == [1, 1, 1]
@@ -398,7 +228,7 @@ def test_checksum_mismatch_names_the_file(tmp_path, name):
     with pytest.raises(data.DataIntegrityError) as err:
         data.fetch(name, tmp_path, download=False, system_dirs=(), checksums=fake["checksums"])
     msg = str(err.value)
-    assert str(path) in msg and expected in msg and _md5(path) in msg
+    assert str(path) in msg and expected in msg and md5(path) in msg
     assert "fetch" in msg  # says what to do
 
 
@@ -418,15 +248,15 @@ def test_missing_files_without_download_say_what_to_do(tmp_path, name):
 
 
 def test_debian_fallback_copies_and_accepts_regzipped_files(tmp_path):
-    payloads, _ = _fashion_payloads()
+    payloads, _ = fashion_payloads()
     system = tmp_path / "usr-share"
-    _write_gz(system, payloads, mtime=1_591_000_000)  # re-compressed: a different .gz header
+    write_gz(system, payloads, mtime=1_591_000_000)  # re-compressed: a different .gz header
     published = tmp_path / "published"
-    _write_gz(published, payloads, mtime=0)
-    checksums = {f: _md5(published / f) for f in payloads}
+    write_gz(published, payloads, mtime=0)
+    checksums = {f: md5(published / f) for f in payloads}
     payload_md5 = {f: hashlib.md5(p, usedforsecurity=False).hexdigest()
                    for f, p in payloads.items()}
-    assert all(_md5(system / f) != checksums[f] for f in payloads)
+    assert all(md5(system / f) != checksums[f] for f in payloads)
     root = tmp_path / "raw"
     folder = data.fetch("fashion_mnist", root, download=False, system_dirs=[system],
                         checksums=checksums, payload_checksums=payload_md5)
@@ -449,6 +279,87 @@ def test_corrupt_payload_is_rejected_even_for_gzip(tmp_path):
     assert rel in str(err.value) and fake["payload_checksums"][rel] in str(err.value)
 
 
+@pytest.mark.parametrize("name", sorted(data.DATASETS))
+def test_mirror_folder_supplies_files_and_folders(tmp_path, name):
+    """data.mirror: a local copy laid out like root (``<name>/``), folders copied whole."""
+    mirror = tmp_path / "mirror"
+    fake = WRITERS[name](mirror)
+    root = tmp_path / "raw"
+    folder = data.fetch(name, root, download=False, system_dirs=(), mirror=mirror,
+                        checksums=fake["checksums"],
+                        payload_checksums=fake.get("payload_checksums"))
+    assert folder == root / name
+    copied = sorted(p.relative_to(folder) for p in folder.rglob("*") if p.is_file())
+    assert copied == sorted(p.relative_to(mirror / name) for p in (mirror / name).rglob("*")
+                            if p.is_file())
+    assert not [p for p in root.rglob(".*")]  # no temporary leftovers
+    img_size = None if data.get_info(name).in_memory else 8
+    assert len(data.load_split(name, root, "test", img_size=img_size)) > 0
+    # Files already in root are kept; the empty string means "no mirror".
+    assert data.fetch(name, root, download=False, system_dirs=(), mirror="",
+                      checksums=fake["checksums"],
+                      payload_checksums=fake.get("payload_checksums")) == folder
+
+
+def test_missing_mirror_folder_is_named(tmp_path):
+    with pytest.raises(data.DataUnavailableError, match=r"mirror folder .*nowhere"):
+        data.fetch("cifar100", tmp_path / "raw", download=False, mirror=tmp_path / "nowhere")
+
+
+def test_mirror_comes_before_system_dirs(tmp_path):
+    payloads, _ = fashion_payloads()
+    write_gz(tmp_path / "mirror" / "fashion_mnist", payloads, mtime=7)
+    write_gz(tmp_path / "system", payloads, mtime=9)
+    checksums = {f: md5(tmp_path / "mirror" / "fashion_mnist" / f) for f in payloads}
+    folder = data.fetch("fashion_mnist", tmp_path / "raw", download=False,
+                        system_dirs=[tmp_path / "system"], mirror=tmp_path / "mirror",
+                        checksums=checksums)
+    assert all(md5(folder / f) == checksums[f] for f in payloads)
+
+
+def test_interrupted_folder_copy_leaves_nothing(tmp_path, monkeypatch):
+    mirror = tmp_path / "mirror"
+    fake = write_caltech101(mirror)
+
+    def broken_copy(*_args, **_kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(data.shutil, "copytree", broken_copy)
+    root = tmp_path / "raw"
+    with pytest.raises(OSError, match="disk full"):
+        data.fetch("caltech101", root, download=False, mirror=mirror,
+                   checksums=fake["checksums"])
+    assert list((root / "caltech101").iterdir()) == []
+
+
+def test_read_checksums_json(tmp_path):
+    fake = write_cifar100(tmp_path / "mirror")
+    path = write_checksums_json(tmp_path / "md5.json", fake["checksums"])
+    assert data.read_checksums(path) == fake["checksums"]
+    assert data.read_checksums("") is None and data.read_checksums(None) is None
+    data.fetch("cifar100", tmp_path / "raw", download=False, mirror=tmp_path / "mirror",
+               checksums=data.read_checksums(path))
+    with pytest.raises(data.DataIntegrityError, match="checksum mismatch"):  # the published ones
+        data.verify("cifar100", tmp_path / "raw")
+
+
+@pytest.mark.parametrize("content,pattern", [
+    (None, r"does not exist"),
+    ("{not json", r"not valid JSON"),
+    ("[1, 2]", r"must hold a JSON object"),
+    ('{"train": "abc"}', r"MD5 of 'train' must be 32 hexadecimal digits"),
+    ('{"train": 5}', r"MD5 of 'train' must be"),
+    ('{"../train": "' + "0" * 32 + '"}', r"'\.\./train' is not a path relative"),
+])
+def test_read_checksums_rejects_bad_files(tmp_path, content, pattern):
+    path = tmp_path / "md5.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(ValueError, match=pattern) as err:
+        data.read_checksums(path)
+    assert str(path) in str(err.value)
+
+
 def test_fetch_is_idempotent(tmp_path):
     fake = write_fashion_mnist(tmp_path)
     kwargs = {"download": False, "system_dirs": (), "checksums": fake["checksums"]}
@@ -460,9 +371,9 @@ def test_fetch_is_idempotent(tmp_path):
 
 
 def test_download_fills_missing_files_through_the_downloader(tmp_path, monkeypatch):
-    payloads, _ = _fashion_payloads()
+    payloads, _ = fashion_payloads()
     mirror = tmp_path / "mirror"
-    _write_gz(mirror, payloads)
+    write_gz(mirror, payloads)
     calls = []
 
     def fake_download(url: str, folder: Path, filename: str, md5: str | None) -> None:
@@ -474,7 +385,7 @@ def test_download_fills_missing_files_through_the_downloader(tmp_path, monkeypat
     (root / "fashion_mnist").mkdir(parents=True)
     shutil.copyfile(mirror / "t10k-labels-idx1-ubyte.gz",
                     root / "fashion_mnist" / "t10k-labels-idx1-ubyte.gz")
-    checksums = {f: _md5(mirror / f) for f in payloads}
+    checksums = {f: md5(mirror / f) for f in payloads}
     data.fetch("fashion_mnist", root, download=True, system_dirs=(), checksums=checksums)
     assert sorted(Path(u).name for u in calls) == sorted(set(payloads) - {
         "t10k-labels-idx1-ubyte.gz"})
@@ -512,7 +423,7 @@ def test_malformed_idx_and_hostile_pickle_are_rejected(tmp_path):
         data.load_split("fashion_mnist", tmp_path, "test")
     assert fake["checksums"]
     write_cifar10(tmp_path)
-    _pickle(tmp_path / "cifar10" / "cifar-10-batches-py" / "test_batch",
+    write_pickle(tmp_path / "cifar10" / "cifar-10-batches-py" / "test_batch",
             {"data": collections.OrderedDict(), "labels": []})
     with pytest.raises(data.DataIntegrityError, match="refusing to unpickle"):
         data.load_split("cifar10", tmp_path, "test")
@@ -521,7 +432,7 @@ def test_malformed_idx_and_hostile_pickle_are_rejected(tmp_path):
 def test_out_of_range_labels_are_rejected(tmp_path):
     write_fashion_mnist(tmp_path)
     path = tmp_path / "fashion_mnist" / "t10k-labels-idx1-ubyte.gz"
-    path.write_bytes(gzip.compress(_idx_bytes(np.full(10, 10, dtype=np.uint8))))
+    path.write_bytes(gzip.compress(idx_bytes(np.full(10, 10, dtype=np.uint8))))
     with pytest.raises(data.DataIntegrityError, match="labels"):
         data.load_split("fashion_mnist", tmp_path, "test")
 
@@ -575,7 +486,7 @@ def test_make_splits_is_seeded_stratified_disjoint_and_complete():
 def test_make_splits_properties(sizes, val_fraction, seed):
     labels = _class_labels(sizes)
     n_train = [math.floor((1 - val_fraction) * n + 0.5) for n in sizes]
-    if sum(n_train) == 0:
+    if sum(n_train) == 0 or sum(n_train) == sum(sizes):
         with pytest.raises(ValueError, match="val_fraction"):
             data.make_splits(labels, 3, val_fraction=val_fraction, attack_size=1, seed=seed)
         return
@@ -593,6 +504,16 @@ def test_make_splits_properties(sizes, val_fraction, seed):
 def test_bad_val_fraction_names_the_key(bad):
     with pytest.raises(ValueError, match="val_fraction"):
         data.make_splits(torch.arange(10) % 2, 5, val_fraction=bad, attack_size=2, seed=0)
+
+
+def test_val_fraction_too_small_for_the_classes_is_named():
+    # 5 images per class: 10% rounds to none (4.5 of 5 go to training), so no validation split.
+    labels = torch.arange(4).repeat_interleave(5)
+    with pytest.raises(ValueError, match=r"val_fraction=0\.1 leaves no validation images.*5"):
+        data.make_splits(labels, 4, val_fraction=0.1, attack_size=2, seed=0)
+    splits = data.make_splits(torch.arange(4).repeat_interleave(6), 4, val_fraction=0.1,
+                              attack_size=2, seed=0)
+    assert splits["val"].numel() == 4
 
 
 def test_bad_attack_size_names_the_key():
@@ -678,6 +599,22 @@ def test_long_tailed_subset_sizes_membership_and_seeding(k, per_class, ratio, se
     assert torch.equal(kept, again)
     counts = data.class_counts(kept_labels, k)
     assert bool((counts[:-1] >= counts[1:]).all())      # head first, tail last
+
+
+def test_long_tailed_counts_skip_empty_classes():
+    # A tiny subset of a 100-class split: most classes are empty and keep none; the others
+    # keep the size of their position in the profile, from the smallest non-empty class.
+    available = torch.zeros(100, dtype=torch.int64)
+    available[[0, 1, 50, 99]] = torch.tensor([3, 5, 4, 2])
+    counts = imbalance.long_tailed_counts(available, 100)
+    assert counts[[0, 1, 50, 99]].tolist() == [2, 1, 1, 1]
+    assert int(counts.sum()) == 5
+    labels = torch.tensor([0, 0, 0, 1, 1, 1, 1, 1, 50, 50, 50, 50, 99, 99])
+    kept = imbalance.long_tailed_subset(torch.arange(14), labels, imbalance_ratio=100,
+                                        num_classes=100, seed=0)
+    assert data.class_counts(labels[kept], 100)[[0, 1, 50, 99]].tolist() == [2, 1, 1, 1]
+    with pytest.raises(ValueError, match="some images"):
+        imbalance.long_tailed_counts(torch.zeros(5, dtype=torch.int64), 10)
 
 
 def test_long_tailed_subset_rejects_bad_ratio_and_shapes():

@@ -85,9 +85,23 @@ def test_mahalanobis_is_invariant_to_invertible_linear_maps():
 def test_mahalanobis_rejects_bad_labels():
     f = torch.randn(6, 2, dtype=torch.float64)
     with pytest.raises(ValueError, match="labels"):
-        det.fit_class_gaussians(f, torch.tensor([0, 0, 2, 2, 2, 2]))  # class 1 empty
-    with pytest.raises(ValueError, match="labels"):
         det.fit_class_gaussians(f, torch.zeros(5, dtype=torch.long))
+    with pytest.raises(ValueError, match="labels"):
+        det.fit_class_gaussians(f, torch.tensor([0, 0, -1, 2, 2, 2]))
+
+
+def test_mahalanobis_fits_only_the_classes_present():
+    # A small fitting set drawn from many classes: empty classes get no Gaussian, and the
+    # score is the same as when the labels are renumbered 0..K'-1.
+    gen = torch.Generator().manual_seed(0)
+    f = torch.randn(12, 3, generator=gen, dtype=torch.float64)
+    sparse = torch.tensor([5, 5, 5, 5, 50, 50, 50, 50, 99, 99, 99, 99])
+    dense = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2])
+    g = det.fit_class_gaussians(f, sparse)
+    assert g.classes.tolist() == [5, 50, 99] and g.means.shape == (3, 3)
+    query = torch.randn(4, 3, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(det.mahalanobis_score(query, g),
+                               det.mahalanobis_score(query, det.fit_class_gaussians(f, dense)))
 
 
 # --- LID -------------------------------------------------------------------------------------

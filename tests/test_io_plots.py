@@ -22,6 +22,25 @@ def test_atomic_path_leaves_nothing_on_failure(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_atomic_dir_renames_on_success_and_cleans_up_on_failure(tmp_path):
+    target = tmp_path / "sub" / "tree"
+    with io.atomic_dir(target) as tmp:
+        (tmp / "a").mkdir()
+        (tmp / "a" / "f.txt").write_text("x")
+        assert not target.exists()
+    assert (target / "a" / "f.txt").read_text() == "x"
+    assert [p.name for p in target.parent.iterdir()] == ["tree"]
+    with io.atomic_dir(target) as tmp:  # an existing folder is replaced whole
+        (tmp / "g.txt").write_text("y")
+    assert sorted(p.name for p in target.iterdir()) == ["g.txt"]
+    assert [p.name for p in target.parent.iterdir()] == ["tree"]
+    other = tmp_path / "other"
+    with pytest.raises(RuntimeError), io.atomic_dir(other) as tmp:
+        (tmp / "half").write_text("half")
+        raise RuntimeError("killed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sub"]
+
+
 def test_atomic_files_get_ordinary_permissions(tmp_path):
     old = os.umask(0o022)
     try:
@@ -89,3 +108,23 @@ def test_tensor_files_without_metadata_match_safetensors_bytes():
 
     tensors = {"w": torch.randn(3, 4), "b": torch.zeros(4), "n": torch.tensor(7)}
     assert io.safetensors_bytes(tensors) == save(tensors)
+
+
+def test_many_classes_show_a_readable_subset():
+    """CIFAR-100 / Caltech-101: 20 example columns, class indices on the balance chart."""
+    labels = torch.tensor([c for c in range(0, 100, 3) for _ in range(2)])
+    shown = plots.shown_classes(labels, 100, 20)
+    assert len(shown) == 20 and shown[0] == 0 and shown[-1] == 99
+    assert set(shown) <= set(labels.tolist()) and shown == sorted(set(shown))
+    assert plots.shown_classes(labels, 10, 20) == list(range(10))   # few classes: all of them
+    assert plots.shown_classes(torch.tensor([5, 7, 5]), 100, 20) == [5, 7]
+    names = [f"class {i}" for i in range(100)]
+    images = torch.rand(len(labels), 3, 8, 8)
+    fig = plots.image_grid(images, labels, names, per_class=2, title="examples")
+    assert len(fig.axes) == 2 * 20
+    assert fig._suptitle.get_text() == "examples (20 of 100 classes)"
+    plt.close(fig)
+    fig = plots.class_balance({"train": [1] * 100}, names)
+    assert fig.get_size_inches()[0] == 12.0
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()][:2] == ["0", "10"]
+    plt.close(fig)

@@ -90,6 +90,9 @@ def test_fit_rejects_bad_arguments():
         train.fit(m, _toy_data(), _toy_data(), epochs=0, show_progress=False)
     with pytest.raises(ValueError, match="optimizer"):
         train.fit(m, _toy_data(), _toy_data(), epochs=1, optimizer="adam", show_progress=False)
+    empty = TensorDataset(torch.zeros(0, 1, 16, 16), torch.zeros(0, dtype=torch.int64))
+    with pytest.raises(ValueError, match="val_data is empty"):
+        train.fit(m, _toy_data(), empty, epochs=1, show_progress=False)
 
 
 def test_predict_logits_restores_mode_and_matches_forward():

@@ -86,6 +86,15 @@ def test_stage_declares_exactly_the_params_it_reads(name, stage):
     assert not unused, f"{name}: declares {sorted(unused)} but does not pass them"
 
 
+def test_command_line_values_read_as_yaml_scalars():
+    from calib.pipeline import parse_value
+
+    assert parse_value("true") is True and parse_value("0.05") == 0.05
+    assert parse_value("data/raw") == "data/raw" and parse_value("null") is None
+    assert parse_value("") == ""  # a quoted empty value ("${data.mirror}") stays a string
+    assert parse_value("[a, b]") == "[a, b]"
+
+
 def test_executed_notebooks_are_outputs_not_deps():
     for name, stage in _notebook_stages().items():
         for dep in stage.get("deps", []):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import math
 
 import numpy as np
 import pandas as pd
@@ -60,6 +61,22 @@ def test_class_means_of_identical_features_are_those_features(k, d, per_class, s
     torch.testing.assert_close(means, prototypes.double())
 
 
+def test_classes_without_samples_have_no_mean_and_no_distance():
+    # A small fitting set drawn from many classes: class 1 has no sample, hence no mean.
+    feats = torch.tensor([[0.0, 0.0], [2.0, 0.0], [0.0, 3.0]])
+    means = rep.class_means(feats, torch.tensor([0, 0, 2]), 3)
+    assert torch.isnan(means[1]).all() and not torch.isnan(means[[0, 2]]).any()
+    query = torch.tensor([[1.0, 0.0], [0.0, 4.0], [1.0, 1.0]])
+    own, other = rep.mean_distances(query, means, torch.tensor([0, 2, 1]))
+    torch.testing.assert_close(own[:2], torch.tensor([0.0, 1.0], dtype=torch.float64))
+    assert math.isnan(float(own[2]))                          # its class has no mean
+    torch.testing.assert_close(other, torch.tensor([math.sqrt(10), math.sqrt(17), 1.0],
+                                                   dtype=torch.float64))
+    lonely = rep.class_means(feats, torch.tensor([0, 0, 0]), 3)
+    _, other = rep.mean_distances(query, lonely, torch.tensor([0, 0, 0]))
+    assert torch.isnan(other).all()                           # no other class has a mean
+
+
 def test_class_means_hand_computation():
     feats = torch.tensor([[0.0, 0.0], [2.0, 4.0], [1.0, 1.0], [3.0, -1.0], [5.0, 5.0]])
     labels = torch.tensor([0, 0, 1, 1, 2])
@@ -69,8 +86,8 @@ def test_class_means_hand_computation():
 
 def test_class_means_rejects_bad_input():
     feats = torch.zeros(4, 2)
-    with pytest.raises(ValueError, match="labels: classes \\[2\\]"):
-        rep.class_means(feats, torch.tensor([0, 1, 0, 1]), 3)
+    with pytest.raises(ValueError, match="no samples"):
+        rep.class_means(feats[:0], torch.tensor([], dtype=torch.int64), 3)
     with pytest.raises(ValueError, match="labels must have shape"):
         rep.class_means(feats, torch.tensor([0, 1, 0]), 2)
     with pytest.raises(ValueError, match="features must be 2-D"):

@@ -144,12 +144,14 @@ class ClassGaussians:
     """Class-conditional Gaussians with a tied covariance (Lee et al. 2018).
 
     Attributes:
-        means: float64 (K, D) class means.
+        means: float64 (K, D) means of the K classes that occur in the fitting data.
         precision: float64 (D, D) pseudo-inverse of the tied (pooled within-class) covariance.
+        classes: int64 (K,) the label of each row of ``means``.
     """
 
     means: torch.Tensor
     precision: torch.Tensor
+    classes: torch.Tensor
 
 
 def fit_class_gaussians(features: torch.Tensor, labels: torch.Tensor) -> ClassGaussians:
@@ -158,8 +160,9 @@ def fit_class_gaussians(features: torch.Tensor, labels: torch.Tensor) -> ClassGa
     The covariance is the maximum-likelihood pooled within-class covariance
     ``1/N sum_i (f_i - mu_{y_i})(f_i - mu_{y_i})^T`` (as sklearn's EmpiricalCovariance on
     class-centred features in Lee et al.'s code); its pseudo-inverse copes with the dead
-    (constant) dimensions ReLU features often have. Classes are 0..max(label); every class up
-    to the largest label must occur.
+    (constant) dimensions ReLU features often have. A Gaussian is fitted to each class that
+    occurs in ``labels``; a class without samples (a small fitting set drawn from 100 classes)
+    has none and the score is the distance to the nearest of the others.
     """
     if not isinstance(features, torch.Tensor) or features.ndim != 2:
         raise ValueError(f"features must be a 2-D tensor (N, D), got "
@@ -171,17 +174,14 @@ def fit_class_gaussians(features: torch.Tensor, labels: torch.Tensor) -> ClassGa
     y = labels.long().cpu()
     if int(y.min()) < 0:
         raise ValueError("labels must be >= 0")
-    num_classes = int(y.max()) + 1
-    counts = torch.bincount(y, minlength=num_classes)
-    if bool((counts == 0).any()):
-        missing = (counts == 0).nonzero().squeeze(1).tolist()
-        raise ValueError(f"labels: classes {missing} have no samples to fit a mean to")
-    sums = torch.zeros(num_classes, f.shape[1], dtype=f.dtype).index_add_(0, y, f)
+    classes, rows = torch.unique(y, sorted=True, return_inverse=True)
+    counts = torch.bincount(rows, minlength=classes.numel())
+    sums = torch.zeros(classes.numel(), f.shape[1], dtype=f.dtype).index_add_(0, rows, f)
     means = sums / counts[:, None].double()
-    centred = f - means[y]
+    centred = f - means[rows]
     cov = centred.T @ centred / f.shape[0]
     precision = torch.linalg.pinv(cov, hermitian=True)
-    return ClassGaussians(means=means, precision=precision)
+    return ClassGaussians(means=means, precision=precision, classes=classes)
 
 
 def mahalanobis_score(features: torch.Tensor, gaussians: ClassGaussians) -> torch.Tensor:

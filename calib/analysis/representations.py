@@ -184,8 +184,11 @@ def class_means(features: torch.Tensor, labels: torch.Tensor, num_classes: int
                 ) -> torch.Tensor:
     """Mean feature per class, (K, D) float64, from clean training features (N, D).
 
+    A class without samples (a small fitting set drawn from 100 classes) has no mean: its row
+    is NaN, and the distances to it are undefined (see :func:`mean_distances`).
+
     Raises:
-        ValueError: mismatched shapes, labels out of range, or a class without samples.
+        ValueError: mismatched shapes, labels out of range, or no samples at all.
     """
     if features.ndim != 2:
         raise ValueError(f"features must be 2-D (N, D), got shape {tuple(features.shape)}")
@@ -194,13 +197,15 @@ def class_means(features: torch.Tensor, labels: torch.Tensor, num_classes: int
                          f"got {tuple(labels.shape)}")
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
         raise ValueError(f"labels must lie in [0, {num_classes})")
+    if labels.numel() == 0:
+        raise ValueError("labels: no samples to fit class means to; use more images")
     counts = torch.bincount(labels, minlength=num_classes)
-    if bool((counts == 0).any()):
-        missing = torch.nonzero(counts == 0).flatten().tolist()
-        raise ValueError(f"labels: classes {missing} have no samples; use more images")
     sums = torch.zeros(num_classes, features.shape[1], dtype=torch.float64)
     sums.index_add_(0, labels, features.double())
-    return sums / counts[:, None].double()
+    means = sums / counts[:, None].double()
+    if bool((counts == 0).any()):
+        means[counts == 0] = math.nan
+    return means
 
 
 def top2_margin(values: torch.Tensor) -> torch.Tensor:
@@ -212,17 +217,29 @@ def top2_margin(values: torch.Tensor) -> torch.Tensor:
 def mean_distances(features: torch.Tensor, means: torch.Tensor, classes: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Euclidean distance of each feature (N, D) to the mean of ``classes`` (N,) and to the
-    nearest other class mean; both (N,) float64."""
+    nearest other class mean; both (N,) float64.
+
+    Classes without a mean (NaN rows of ``means``) are skipped: the own distance of a sample
+    whose class has none is NaN, and so is the other distance when no other class has one.
+    """
     if features.ndim != 2 or means.ndim != 2 or features.shape[1] != means.shape[1]:
         raise ValueError(f"features (N, D) and means (K, D) must share D, got "
                          f"{tuple(features.shape)} and {tuple(means.shape)}")
     if classes.shape != (features.shape[0],):
         raise ValueError(f"classes must have shape ({features.shape[0]},), "
                          f"got {tuple(classes.shape)}")
-    dist = torch.cdist(features.double(), means.double())  # (N, K)
+    known = ~torch.isnan(means).any(1)
+    if bool(known.all()):
+        dist = torch.cdist(features.double(), means.double())  # (N, K)
+        own = dist.gather(1, classes[:, None]).squeeze(1)
+        other = dist.scatter(1, classes[:, None], math.inf).amin(1)
+        return own, other
+    dist = torch.full((features.shape[0], means.shape[0]), math.nan, dtype=torch.float64)
+    if bool(known.any()):
+        dist[:, known] = torch.cdist(features.double(), means[known].double())
     own = dist.gather(1, classes[:, None]).squeeze(1)
-    other = dist.scatter(1, classes[:, None], math.inf).amin(1)
-    return own, other
+    other = dist.nan_to_num(math.inf).scatter(1, classes[:, None], math.inf).amin(1)
+    return own, torch.where(torch.isinf(other), math.nan, other)
 
 
 def measure(emb: Embeddings, means: torch.Tensor, classes: torch.Tensor
@@ -392,12 +409,20 @@ def fit_pca(features: torch.Tensor, n_components: int = 2) -> PCA:
 
 # --- figures ------------------------------------------------------------------------------------
 
+#: Up to this many classes every class mean is labelled in :func:`projection_figure`.
+MAX_LABELLED_MEANS = 20
+
+
 def projection_figure(pca: PCA, fit_features: torch.Tensor, fit_labels: torch.Tensor,
                       clean: Embeddings, adversarial: Mapping[str, Embeddings], *,
                       sample: torch.Tensor, means: torch.Tensor,
                       class_names: Sequence[str] = (), title: str | None = None) -> Figure:
     """One panel per attack kind: clean training features (grey, class means labelled) and
-    arrows from the clean to the adversarial feature of the ``sample`` indices (M,)."""
+    arrows from the clean to the adversarial feature of the ``sample`` indices (M,).
+
+    With more than :data:`MAX_LABELLED_MEANS` classes only the means of the sampled images'
+    predicted classes are labelled; classes without a mean (NaN rows) are not drawn.
+    """
     use_style()
     kinds = list(adversarial)
     cols = 2 if len(kinds) > 1 else 1
@@ -406,6 +431,10 @@ def projection_figure(pca: PCA, fit_features: torch.Tensor, fit_labels: torch.Te
                              sharex=True, sharey=True)
     bg = pca.transform(fit_features).numpy()
     centres = pca.transform(means.float()).numpy()
+    labelled = list(range(len(centres)))
+    if len(centres) > MAX_LABELLED_MEANS:
+        labelled = sorted(set(clean.logits[sample].argmax(1).tolist()))
+    labelled = [c for c in labelled if np.isfinite(centres[c]).all()]
     start = pca.transform(clean.features[sample]).numpy()
     evr = pca.explained_variance_ratio.numpy()
     for ax, kind in zip(axes.flat, kinds, strict=False):
@@ -420,7 +449,8 @@ def projection_figure(pca: PCA, fit_features: torch.Tensor, fit_labels: torch.Te
                    label="clean test feature")
         ax.scatter(end[:, 0], end[:, 1], s=9, c=colour, zorder=3, marker="x",
                    label=f"after {kind.upper()}")
-        for c, (cx, cy) in enumerate(centres):
+        for c in labelled:
+            cx, cy = centres[c]
             name = class_names[c] if c < len(class_names) else str(c)
             ax.annotate(name, (cx, cy), fontsize=7, ha="center", color="#333333",
                         bbox={"facecolor": "white", "alpha": 0.7, "edgecolor": "none",
@@ -463,7 +493,8 @@ def shift_figure(table: pd.DataFrame, *, only_perturbed: bool = True,
             if only_perturbed:
                 part = part[part["perturbed"]]
             for j, when in enumerate(("before", "after")):
-                data_.append(part[f"{q}_{when}"].to_numpy())
+                values = part[f"{q}_{when}"].to_numpy()
+                data_.append(values[~np.isnan(values)])  # undefined distances: no mean
                 pos.append(3 * i + j)
                 colours.append(ATTACK_COLOURS["clean"] if when == "before"
                                else ATTACK_COLOURS.get(kind, PALETTE[0]))
