@@ -7,7 +7,6 @@ records in every executed notebook.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -72,10 +71,6 @@ def stage_seconds(repo: Path) -> dict[str, float]:
 
     Kernel start-up and DVC's own work (hashing, caching outputs) are not included.
     """
-    out = {}
-    for path in sorted((repo / "reports" / "notebooks").glob("*.ipynb")):
-        meta = json.loads(path.read_text(encoding="utf-8")).get("metadata", {})
-        duration = meta.get("papermill", {}).get("duration")
-        if duration is not None:
-            out[path.stem] = round(float(duration), 1)
-    return out
+    from calib.timings import stage_times
+
+    return {t.notebook: round(t.seconds, 1) for t in stage_times(repo / "reports" / "notebooks")}

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -17,47 +16,18 @@ import time
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-COPY = ["calib", "notebooks", "profiles", "dvc.yaml", "params.yaml", "pyproject.toml",
-        ".dvc/config", ".dvcignore", ".gitignore"]
+from pipeline_repo import env, make_repo, run
 
 pytestmark = pytest.mark.slow
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env["PYTHONHASHSEED"] = "0"
-    env.pop("PYTHONPATH", None)
-    return env
-
-
-def _run(args: list[str], cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:
-    proc = subprocess.run(args, cwd=cwd, env=_env(), capture_output=True, text=True,
-                          timeout=timeout)
-    assert proc.returncode == 0, (
-        f"{' '.join(args)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
-    return proc
-
-
 @pytest.fixture(scope="module")
 def smoke_repo(tmp_path_factory) -> Path:
-    repo = tmp_path_factory.mktemp("smoke") / "repo"
-    repo.mkdir()
-    for item in COPY:
-        src = ROOT / item
-        dst = repo / item
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if src.is_dir():
-            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(src, dst)
-    _run(["git", "init", "-q"], repo)
-    _run([sys.executable, "-m", "calib.profiles", "smoke"], repo)
+    repo = make_repo(tmp_path_factory.mktemp("smoke") / "repo")
+    run([sys.executable, "-m", "calib.profiles", "smoke"], repo)
 
     # Interrupt a first run once training has started; the rerun must complete regardless.
-    proc = subprocess.Popen(["dvc", "repro"], cwd=repo, env=_env(), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(["dvc", "repro"], cwd=repo, env=env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
@@ -73,7 +43,7 @@ def smoke_repo(tmp_path_factory) -> Path:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     start = time.monotonic()
-    _run(["dvc", "repro"], repo)
+    run(["dvc", "repro"], repo)
     (repo / "smoke_seconds.txt").write_text(f"{time.monotonic() - start:.1f}\n")
     return repo
 
@@ -197,21 +167,21 @@ def test_analysis_outputs_exist_and_make_sense(smoke_repo):
 
 
 def test_pipeline_is_up_to_date_after_repro(smoke_repo):
-    out = _run(["dvc", "status"], smoke_repo).stdout
+    out = run(["dvc", "status"], smoke_repo).stdout
     assert "up to date" in out, out
 
 
 def test_noop_repro_is_fast(smoke_repo):
     start = time.monotonic()
-    out = _run(["dvc", "repro"], smoke_repo).stdout
+    out = run(["dvc", "repro"], smoke_repo).stdout
     elapsed = time.monotonic() - start
-    assert not _stages_run(out), out
+    assert not _stagesrun(out), out
     assert elapsed < 5.0, f"no-op dvc repro took {elapsed:.1f} s"
 
 
 def test_same_seed_same_clean_metrics(smoke_repo):
     before = _metrics(smoke_repo, "resnet")
-    _run(["dvc", "repro", "--force", "--single-item", "train@resnet"], smoke_repo)
+    run(["dvc", "repro", "--force", "--single-item", "train@resnet"], smoke_repo)
     after = _metrics(smoke_repo, "resnet")
     assert after == before
 
@@ -223,7 +193,7 @@ def _figure_hashes(repo: Path) -> dict[str, str]:
             for p in sorted((repo / "figures").rglob("*.png"))}
 
 
-def _stages_run(output: str) -> set[str]:
+def _stagesrun(output: str) -> set[str]:
     """Stage names from DVC's "Running stage 'name':" lines."""
     import re
 
@@ -235,13 +205,13 @@ def test_figures_are_byte_identical_when_rerun(smoke_repo):
     before = _figure_hashes(smoke_repo)
     stages = ["data", "train@vit", "attack@resnet", "defence_table@resnet", "sweep_plot@resnet",
               "detection", "representations@resnet", "saliency@vit", "compare", "claims"]
-    out = _run(["dvc", "repro", "--force", "--single-item", *stages], smoke_repo).stdout
-    assert _stages_run(out) == set(stages), out
+    out = run(["dvc", "repro", "--force", "--single-item", *stages], smoke_repo).stdout
+    assert _stagesrun(out) == set(stages), out
     after = _figure_hashes(smoke_repo)
     changed = [name for name in before if after.get(name) != before[name]]
     assert not changed, f"figures changed on an identical rerun: {changed}"
     # Only the executed notebooks changed (papermill records times), so only the report reruns.
-    assert _stages_run(_run(["dvc", "repro"], smoke_repo).stdout) <= {"report"}
+    assert _stagesrun(run(["dvc", "repro"], smoke_repo).stdout) <= {"report"}
 
 
 def test_report_site_renders_in_a_browser(smoke_repo):
@@ -265,10 +235,10 @@ def test_exp_run_eps_reruns_only_attacks_and_dependents(smoke_repo):
 
     repo = smoke_repo
     git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
-    _run([*git, "add", "-A"], repo)
-    _run([*git, "commit", "-q", "-m", "smoke baseline"], repo)
-    out = _run(["dvc", "exp", "run", "-S", "attack.eps=0.03"], repo).stdout
-    ran = _stages_run(out)
+    run([*git, "add", "-A"], repo)
+    run([*git, "commit", "-q", "-m", "smoke baseline"], repo)
+    out = run(["dvc", "exp", "run", "-S", "attack.eps=0.03"], repo).stdout
+    ran = _stagesrun(out)
     params = yaml.safe_load((repo / "params.yaml").read_text())
     assert params["attack"]["eps"] == 0.03
     models = list(params["models"])
