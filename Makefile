@@ -24,8 +24,9 @@ test: setup
 test-fast: setup
 	python -m pytest -q -m "not slow"
 
+## ruff over the package, the tests, the benchmarks and the notebooks' code cells.
 lint: setup
-	ruff check calib tests benchmarks
+	ruff check calib tests benchmarks notebooks
 
 ## Switch params.yaml to a profile: make profile PROFILE=smoke|default|paper
 profile:

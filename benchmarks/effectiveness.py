@@ -34,9 +34,9 @@ from paper_loop_baseline import calibration_attack_linf  # noqa: E402
 
 from calib import data, models, paths  # noqa: E402
 from calib.attacks import run_attack  # noqa: E402
-from calib.checks import predict  # noqa: E402
-from calib.defences.training import pgd_linf  # noqa: E402
+from calib.attacks.pgd import pgd_linf  # noqa: E402
 from calib.io import read_json  # noqa: E402
+from calib.runtime import predict_logits  # noqa: E402
 
 #: The paper's (and Square Attack's ImageNet) initial window fraction.
 PAPER_P_INIT = 0.05
@@ -59,14 +59,12 @@ def evaluate(name: str, *, eps: float, budget: int, pgd_steps: int, alpha: float
                            in_chans=spec["in_chans"])
     images, labels = test.tensors(splits["attack"][:n])
     model = models.load_trained(ROOT / paths.model_dir(name))
-    with torch.no_grad():
-        k = predict(model, images).argmax(-1)
+    k = predict_logits(model, images, batch_size=256).argmax(-1)
 
     gen = torch.Generator().manual_seed(seeds[0])
     x_pgd = pgd_linf(model, images, k, eps=eps, alpha=eps / 4, steps=50, random_start=True,
                      generator=gen)
-    with torch.no_grad():
-        flippable = predict(model, x_pgd).argmax(-1) != k
+    flippable = predict_logits(model, x_pgd, batch_size=256).argmax(-1) != k
 
     t0 = time.perf_counter()
     uca_wb = run_attack(model, images, kind="uca", method="pgd", eps=eps, iterations=pgd_steps,

@@ -1,7 +1,9 @@
 """Sanity checks on inputs, models and attack outputs (in the spirit of auto-attack's checks).
 
 The ``check_*`` functions validate arguments and raise :class:`ValueError` (or warn) before
-any expensive work starts. The predicates (:func:`label_preserved`, :func:`within_eps_ball`,
+any expensive work starts; each message names the argument and what it may be. The scalar
+vocabulary (:func:`check_choice`, :func:`check_int`, :func:`check_number`, :func:`check_bool`)
+serves every module's options. The predicates (:func:`label_preserved`, :func:`within_eps_ball`,
 :func:`parameters_unchanged`, ...) verify the invariants every calibration attack promises
 (SPEC §3): the predicted label is kept, the perturbation stays inside the eps-ball and [0, 1],
 and the attacked model is left exactly as it was. The tests use them as helpers, and so can a
@@ -10,13 +12,15 @@ practitioner auditing their own attack run.
 
 from __future__ import annotations
 
-import contextlib
 import math
+import numbers
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
+
+from calib.runtime import predict_logits
 
 #: Tolerance used when comparing a perturbation with its budget eps.
 EPS_ATOL: float = 1e-6
@@ -26,6 +30,67 @@ def check_choice(name: str, value: object, allowed: Sequence[str]) -> str:
     """Return ``value`` if it is one of ``allowed``; otherwise raise a ValueError naming both."""
     if not isinstance(value, str) or value not in allowed:
         raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+    return value
+
+
+def check_int(name: str, value: object, *, minimum: int | None = None,
+              maximum: int | None = None) -> int:
+    """Return ``value`` as an int if it is an integer in [minimum, maximum] (either bound may
+    be None); otherwise raise a ValueError naming the argument and the allowed range.
+
+    Booleans are rejected (``True`` is an int to Python, never a count to a caller).
+    """
+    valid = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if valid and ((minimum is not None and value < minimum)
+                  or (maximum is not None and value > maximum)):
+        valid = False
+    if not valid:
+        if minimum is not None and maximum is not None:
+            allowed = f"an integer in [{minimum}, {maximum}]"
+        elif maximum is not None:
+            allowed = f"an integer <= {maximum}"
+        else:
+            allowed = {None: "an integer", 0: "a non-negative integer",
+                       1: "a positive integer"}.get(minimum, f"an integer >= {minimum}")
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+    return int(value)  # type: ignore[arg-type]
+
+
+def check_number(name: str, value: object, *, low: float | None = None,
+                 high: float | None = None, low_open: bool = False, high_open: bool = False
+                 ) -> float:
+    """Return ``value`` as a float if it is a real number within the bounds; otherwise raise a
+    ValueError naming the argument and the allowed range.
+
+    Args:
+        name: the argument's name, for the message.
+        value: the value to check; booleans and NaN are rejected.
+        low, high: the bounds (None: unbounded on that side).
+        low_open, high_open: exclude the bound itself (``low=0, low_open=True``: positive).
+    """
+    number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    v = float(value) if number else math.nan  # type: ignore[arg-type]
+    below = low is not None and (v < low or (low_open and v == low))
+    above = high is not None and (v > high or (high_open and v == high))
+    if math.isnan(v) or below or above:
+        if low is not None and high is not None:
+            allowed = (f"in {'(' if low_open else '['}{low}, {high}"
+                       f"{')' if high_open else ']'}")
+        elif low is not None:
+            allowed = "positive" if low == 0 and low_open else \
+                f"{'>' if low_open else '>='} {low}"
+        elif high is not None:
+            allowed = f"{'<' if high_open else '<='} {high}"
+        else:
+            allowed = "a number"
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+    return v
+
+
+def check_bool(name: str, value: object) -> bool:
+    """Return ``value`` if it is a bool; otherwise raise a ValueError naming the argument."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
     return value
 
 
@@ -140,36 +205,13 @@ def within_eps_ball(clean: torch.Tensor, adv: torch.Tensor, *, eps: float, norm:
     return in_range & (perturbation_norms(clean, adv, norm) <= eps + atol)
 
 
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put ``model`` in eval mode for the block; restore every submodule's own mode after."""
-    flags = training_flags(model)
-    model.eval()
-    try:
-        yield model
-    finally:
-        for module, flag in zip(model.modules(), flags, strict=True):
-            module.training = flag
-
-
-def training_flags(model: nn.Module) -> list[bool]:
-    """The ``training`` flag of every submodule, in ``model.modules()`` order."""
-    return [m.training for m in model.modules()]
-
-
-@torch.no_grad()
-def predict(model: nn.Module, images: torch.Tensor, *, batch_size: int = 256) -> torch.Tensor:
-    """Logits (N, K) of ``model`` on ``images`` (N, C, H, W), in eval mode, batch by batch."""
-    with eval_mode(model):
-        return torch.cat([model(chunk) for chunk in images.split(batch_size)])
-
-
 def label_preserved(model: nn.Module, clean: torch.Tensor, adv: torch.Tensor, *,
                     batch_size: int = 256) -> torch.Tensor:
-    """Per-sample bool (N,): the model predicts the same class on ``adv`` as on ``clean``."""
-    before = predict(model, clean, batch_size=batch_size).argmax(1)
-    after = predict(model, adv, batch_size=batch_size).argmax(1)
-    return (before == after).cpu()
+    """Per-sample bool (N,) on the CPU: the model predicts the same class on ``adv`` as on
+    ``clean`` (both (N, C, H, W)), in eval mode."""
+    before = predict_logits(model, clean, batch_size=batch_size).argmax(1)
+    after = predict_logits(model, adv, batch_size=batch_size).argmax(1)
+    return before == after
 
 
 def parameters_snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -195,7 +237,7 @@ def check_deterministic(model: nn.Module, images: torch.Tensor, *, n: int = 8) -
         True if the outputs agreed (up to floating-point noise of the kernels).
     """
     probe = images[:n]
-    first, second = predict(model, probe), predict(model, probe)
+    first, second = predict_logits(model, probe), predict_logits(model, probe)
     if not torch.allclose(first, second, rtol=1e-4, atol=1e-5):
         warnings.warn(
             "the model gives different outputs for the same input in eval mode; attacks and "

@@ -1,334 +1,781 @@
-"""Validation of ``params.yaml``: fail fast, before any work, naming the key and what is allowed.
+"""The schema of ``params.yaml``: fail fast, before any work, naming the key and what is allowed.
+
+One tree of pydantic models, one per section of params.yaml. Every model refuses keys it does
+not know and values of the wrong type (strict: a bool is not an integer, a string is not a
+number; an integer is a fine float), checks ranges, and checks names against the package's own
+vocabularies (datasets, architectures, optimizers, attack settings and kinds, defences). Once
+every section is valid, :class:`Params` checks the rules that tie sections together (model
+names, attack settings, image counts). Any failure is one :class:`ConfigError` with one line
+per problem, each naming the full dotted key, what is wrong and what is allowed; a misspelt
+key gets the closest allowed one.
 
 ``check_params`` is run by :mod:`calib.pipeline` before every stage's notebook starts, and by
-``python -m calib.config [params.yaml]`` on its own. Each top-level section has one checker;
-a section a checker does not know is left alone, so stages can be added section by section.
+``python -m calib.config [params.yaml]`` on its own. ``python -m calib.config --schema`` writes
+the schema as JSON Schema to ``params.schema.json``; the first line of params.yaml points the
+YAML language server at it, so editors complete and check the file as it is typed.
+
+The vocabularies live in modules that import torch and timm. They are read when a value is
+checked or the JSON Schema is written, never on import, so importing this module stays cheap:
+:func:`calib.pipeline.validate_params_once` imports it before deciding whether to validate.
 """
 
 from __future__ import annotations
 
+import argparse
+import difflib
+import json
+import re
 import sys
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
 
+import annotated_types
 import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    GetCoreSchemaHandler,
+    GetJsonSchemaHandler,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic.fields import FieldInfo
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema, ErrorDetails, InitErrorDetails, PydanticCustomError
+from pydantic_core import core_schema as cs
+
+__all__ = [
+    "PROFILES",
+    "SCHEMA_FILE",
+    "ConfigError",
+    "Params",
+    "check_params",
+    "load_params",
+    "schema_text",
+]
+
+#: Where ``python -m calib.config --schema`` writes the JSON Schema (beside params.yaml).
+SCHEMA_FILE = "params.schema.json"
+
+#: The pipeline's scales: profiles/<name>.yaml, rendered into params.yaml by calib.profiles.
+ProfileName = Literal["smoke", "default", "paper"]
+PROFILES: tuple[str, ...] = get_args(ProfileName)
+
+#: ``device``: "auto" (cuda when available), "cpu", "cuda" or "cuda:N".
+DEVICE_PATTERN = r"^(auto|cpu|cuda(:[0-9]+)?)$"
 
 
 class ConfigError(ValueError):
-    """A parameter is missing, of the wrong type or out of range."""
+    """A parameter is unknown, missing, of the wrong type or out of range (one line each)."""
 
 
-def _get(section: Mapping[str, Any], key: str, prefix: str) -> Any:
-    if key not in section:
-        raise ConfigError(f"missing parameter {prefix}.{key}")
-    return section[key]
+# --- the package's vocabularies, read on first use --------------------------------------------
 
-
-def require_choice(value: Any, allowed: Iterable[str], key: str) -> None:
-    allowed = list(allowed)
-    if value not in allowed:
-        raise ConfigError(f"{key} = {value!r} is not allowed; choose one of {allowed}")
-
-
-def require_int(value: Any, key: str, *, minimum: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{key} must be an integer, got {value!r}")
-    if minimum is not None and value < minimum:
-        raise ConfigError(f"{key} must be >= {minimum}, got {value}")
-
-
-def require_number(value: Any, key: str, *, low: float | None = None, high: float | None = None,
-                   low_open: bool = False, high_open: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigError(f"{key} must be a number, got {value!r}")
-    lo_bad = low is not None and (value <= low if low_open else value < low)
-    hi_bad = high is not None and (value >= high if high_open else value > high)
-    if lo_bad or hi_bad:
-        lo = "-inf" if low is None else f"{low}"
-        hi = "inf" if high is None else f"{high}"
-        left = "(" if low_open or low is None else "["
-        right = ")" if high_open or high is None else "]"
-        interval = f"{left}{lo}, {hi}{right}"
-        raise ConfigError(f"{key} = {value} is out of range; allowed: {interval}")
-
-
-def require_bool(value: Any, key: str) -> None:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{key} must be true or false, got {value!r}")
-
-
-def _check_top(params: Mapping[str, Any]) -> None:
-    require_int(_get(params, "seed", "params"), "seed", minimum=0)
-    device = _get(params, "device", "params")
-    if not isinstance(device, str) or not (device in ("auto", "cpu") or device.startswith("cuda")):
-        raise ConfigError(f"device = {device!r} is not allowed; choose 'auto', 'cpu' or 'cuda[:N]'")
-
-
-def _check_data(data: Mapping[str, Any]) -> None:
+def _datasets() -> Sequence[str]:
     from calib.data import DATASETS
 
-    require_choice(_get(data, "dataset", "data"), sorted(DATASETS), "data.dataset")
-    if not isinstance(_get(data, "root", "data"), str):
-        raise ConfigError("data.root must be a path string")
-    require_bool(_get(data, "download", "data"), "data.download")
-    mirror = _get(data, "mirror", "data")
-    if not isinstance(mirror, str):
-        raise ConfigError(f"data.mirror must be a folder path string (\"\" for none), "
-                          f"got {mirror!r}")
-    if mirror and not Path(mirror).is_dir():
-        raise ConfigError(f"data.mirror = {mirror!r} is not a folder; it should hold "
-                          f"<dataset>/ with the raw files (\"\" for none)")
-    checksums = _get(data, "checksums", "data")
-    if not isinstance(checksums, str):
-        raise ConfigError(f"data.checksums must be a path string to a JSON file (\"\" for the "
-                          f"published checksums), got {checksums!r}")
-    if checksums:
-        from calib.data import read_checksums
-
-        try:
-            read_checksums(checksums)
-        except ValueError as err:
-            raise ConfigError(f"data.checksums: {err}") from None
-    require_number(_get(data, "val_fraction", "data"), "data.val_fraction", low=0, high=1,
-                   low_open=True, high_open=True)
-    require_int(_get(data, "attack_size", "data"), "data.attack_size", minimum=1)
-    require_int(_get(data, "subset_train", "data"), "data.subset_train", minimum=0)
+    return tuple(DATASETS)
 
 
-def _check_models(models: Mapping[str, Any]) -> None:
-    from calib.models import check_arch
-
-    if not isinstance(models, Mapping) or not models:
-        raise ConfigError("models must map model names to {arch, pretrained, img_size, train}")
-    for name, spec in models.items():
-        prefix = f"models.{name}"
-        arch = _get(spec, "arch", prefix)
-        try:
-            check_arch(arch)
-        except ValueError as err:
-            raise ConfigError(f"{prefix}.arch: {err}") from None
-        require_bool(_get(spec, "pretrained", prefix), f"{prefix}.pretrained")
-        require_int(_get(spec, "img_size", prefix), f"{prefix}.img_size", minimum=8)
-        _check_train(_get(spec, "train", prefix), f"{prefix}.train")
-
-
-def _check_train(spec: Mapping[str, Any], prefix: str) -> None:
+def _optimizers() -> Sequence[str]:
     from calib.train import OPTIMIZERS
 
-    require_int(_get(spec, "epochs", prefix), f"{prefix}.epochs", minimum=1)
-    require_int(_get(spec, "batch_size", prefix), f"{prefix}.batch_size", minimum=1)
-    require_choice(_get(spec, "optimizer", prefix), OPTIMIZERS, f"{prefix}.optimizer")
-    require_number(_get(spec, "lr", prefix), f"{prefix}.lr", low=0, low_open=True)
-    require_number(_get(spec, "weight_decay", prefix), f"{prefix}.weight_decay", low=0)
-    require_number(_get(spec, "warmup_epochs", prefix), f"{prefix}.warmup_epochs", low=0)
-    require_int(_get(spec, "augment_pad", prefix), f"{prefix}.augment_pad", minimum=0)
-    require_bool(_get(spec, "augment_flip", prefix), f"{prefix}.augment_flip")
-    require_number(_get(spec, "imbalance_ratio", prefix), f"{prefix}.imbalance_ratio", low=1)
+    return OPTIMIZERS
 
 
-#: The method-norm pairs the attack stage runs.
-ATTACK_SETTINGS = ("square-linf", "square-l2", "pgd-linf")
+def _settings() -> Sequence[str]:
+    from calib.attacks.grid import SETTINGS
+
+    return SETTINGS
 
 
-def _check_attack(attack: Mapping[str, Any]) -> None:
+def _sweep_settings() -> Sequence[str]:
+    from calib.analysis.sweeps import SWEEP_SETTINGS
+
+    return SWEEP_SETTINGS
+
+
+def _kinds() -> Sequence[str]:
     from calib.attacks import KINDS
 
-    for key, allowed in (("settings", ATTACK_SETTINGS), ("kinds", KINDS)):
-        value = _get(attack, key, "attack")
-        items = [v.strip() for v in str(value).split(",") if v.strip()]
-        if not items:
-            raise ConfigError(f"attack.{key} is empty; choose from {list(allowed)}")
-        for item in items:
-            require_choice(item, allowed, f"attack.{key} item")
-    require_number(_get(attack, "eps", "attack"), "attack.eps", low=0, high=1,
-                   low_open=True)
-    require_number(_get(attack, "eps_l2", "attack"), "attack.eps_l2", low=0, low_open=True)
-    require_int(_get(attack, "square_iterations", "attack"), "attack.square_iterations",
-                minimum=1)
-    require_number(_get(attack, "square_p_init", "attack"), "attack.square_p_init", low=0,
-                   high=1, low_open=True)
-    require_int(_get(attack, "pgd_iterations", "attack"), "attack.pgd_iterations", minimum=1)
-    require_number(_get(attack, "pgd_alpha", "attack"), "attack.pgd_alpha", low=0,
-                   low_open=True)
+    return KINDS
 
 
-#: The options of each defence that the defence stage passes to its notebook (all required).
-DEFEND_OPTIONS: dict[str, tuple[str, ...]] = {
-    "spline": ("n_knots",),
-    "aaa": ("tau", "lr", "steps", "calib_weight", "bpda"),
-    "mdts": ("ridge",),
-    "label_smoothing": ("smoothing",),
-    "dca": ("beta",),
-    "sam": ("rho",),
-    "pgd_at": ("eps", "alpha", "steps"),
-    "caat": ("eps", "iterations", "alpha"),
-}
+def _defences() -> Sequence[str]:
+    from calib.defences.evaluate import DEFENCES
+
+    return DEFENCES
 
 
-def _comma_items(value: Any, key: str, allowed: Iterable[str]) -> list[str]:
-    allowed = list(allowed)
-    items = [v.strip() for v in str(value).split(",") if v.strip()]
-    if not items:
-        raise ConfigError(f"{key} is empty; choose from {allowed}")
-    for item in items:
-        require_choice(item, allowed, f"{key} item")
-    return items
+def _parse_names(key: str, value: str, allowed: Sequence[str]) -> list[str]:
+    from calib.attacks.grid import parse_names
+
+    return parse_names(key, value, allowed)
 
 
-def _name_list(value: Any, key: str, allowed: Iterable[str]) -> None:
-    allowed = list(allowed)
-    if not isinstance(value, list) or not value:
-        raise ConfigError(f"{key} must be a non-empty list; choose from {allowed}")
-    for item in value:
-        require_choice(item, allowed, f"{key} item")
-    duplicates = sorted({v for v in value if value.count(v) > 1})
-    if duplicates:
-        raise ConfigError(f"{key} lists {duplicates} more than once")
+@dataclass(frozen=True)
+class _OneOf:
+    """Annotation of a ``str``: one name of a vocabulary of the package (an enum in the JSON
+    Schema)."""
+
+    vocabulary: Callable[[], Sequence[str]]
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler
+                                     ) -> CoreSchema:
+        return cs.no_info_after_validator_function(self._check, handler(source))
+
+    def __get_pydantic_json_schema__(self, schema: CoreSchema, handler: GetJsonSchemaHandler
+                                     ) -> JsonSchemaValue:
+        return {**handler(schema), "enum": list(self.vocabulary())}
+
+    def _check(self, value: str) -> str:
+        allowed = list(self.vocabulary())
+        if value not in allowed:
+            raise ValueError(f"{value!r} is not allowed; choose one of {allowed}")
+        return value
 
 
-def _check_defend(defend: Mapping[str, Any], params: Mapping[str, Any]) -> None:
-    from calib.attacks import KINDS
-    from calib.defences.evaluate import DEFENCES, SETTINGS, check_options
+@dataclass(frozen=True)
+class _Names:
+    """Annotation of a ``str``: comma-separated names of a vocabulary, e.g. "uca,oca".
 
-    if not isinstance(defend, Mapping):
-        raise ConfigError("defend must be a mapping (models, defences, settings, ...)")
-    _name_list(_get(defend, "models", "defend"), "defend.models", list(params["models"]))
-    _name_list(_get(defend, "defences", "defend"), "defend.defences", DEFENCES)
-    _comma_items(_get(defend, "settings", "defend"), "defend.settings", SETTINGS)
-    _comma_items(_get(defend, "kinds", "defend"), "defend.kinds", KINDS)
-    n_images = _get(defend, "n_images", "defend")
-    require_int(n_images, "defend.n_images", minimum=1)
-    attack_size = params["data"]["attack_size"]
-    if n_images > attack_size:
-        raise ConfigError(f"defend.n_images = {n_images} exceeds data.attack_size = "
-                          f"{attack_size} (the defences are attacked on the attack split)")
-    for key in ("square_iterations", "pgd_iterations", "mdts_val_size"):
-        require_int(_get(defend, key, "defend"), f"defend.{key}", minimum=1)
-    finetune = _get(defend, "finetune", "defend")
-    if not isinstance(finetune, Mapping):
-        raise ConfigError("defend.finetune must be a mapping (epochs, subset, batch_size, lr)")
-    require_int(_get(finetune, "epochs", "defend.finetune"), "defend.finetune.epochs",
-                minimum=1)
-    require_int(_get(finetune, "subset", "defend.finetune"), "defend.finetune.subset",
-                minimum=0)
-    require_int(_get(finetune, "batch_size", "defend.finetune"),
-                "defend.finetune.batch_size", minimum=1)
-    require_number(_get(finetune, "lr", "defend.finetune"), "defend.finetune.lr", low=0,
-                   low_open=True)
-    options = _get(defend, "options", "defend")
-    if not isinstance(options, Mapping):
-        raise ConfigError(f"defend.options must map defences to their options: "
-                          f"{sorted(DEFEND_OPTIONS)}")
-    unknown = sorted(set(options) - set(DEFEND_OPTIONS))
-    if unknown:
-        raise ConfigError(f"defend.options has unknown defence(s) {unknown}; allowed: "
-                          f"{sorted(DEFEND_OPTIONS)}")
-    for name, keys in DEFEND_OPTIONS.items():
-        prefix = f"defend.options.{name}"
-        opts = _get(options, name, "defend.options")
-        if not isinstance(opts, Mapping):
-            raise ConfigError(f"{prefix} must be a mapping with keys {list(keys)}")
-        extra = sorted(set(opts) - set(keys))
-        if extra:
-            raise ConfigError(f"{prefix} has unknown option(s) {extra}; allowed: {list(keys)}")
-        for key in keys:
-            _get(opts, key, prefix)
-        if name == "aaa":  # AAA would take any truthy value
-            require_bool(opts["bpda"], f"{prefix}.bpda")
-        try:
-            check_options(name, opts)
-        except ValueError as err:
-            raise ConfigError(f"{prefix}: {err}") from None
+    They stay one string in params.yaml because DVC renders them into command lines. The JSON
+    Schema gets a pattern; the names are plain identifiers (letters, digits, "_", "-"), so they
+    need no escaping in it.
+    """
+
+    vocabulary: Callable[[], Sequence[str]]
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler
+                                     ) -> CoreSchema:
+        return cs.with_info_after_validator_function(self._check, handler(source))
+
+    def __get_pydantic_json_schema__(self, schema: CoreSchema, handler: GetJsonSchemaHandler
+                                     ) -> JsonSchemaValue:
+        name = rf"\s*({'|'.join(self.vocabulary())})\s*"
+        return {**handler(schema), "pattern": rf"^{name}(,{name})*$"}
+
+    def _check(self, value: str, info: ValidationInfo) -> str:
+        _parse_names(info.field_name or "value", value, self.vocabulary())
+        return value
 
 
-def _check_sweep(params: Mapping[str, Any]) -> None:
-    from calib.analysis.sweeps import check_sweep_params
-
-    check_sweep_params(params)
+T = TypeVar("T")
 
 
-def _check_analysis(analysis: Mapping[str, Any], params: Mapping[str, Any]) -> None:
-    if not isinstance(analysis, Mapping):
-        raise ConfigError("analysis must be a mapping (models, setting, representations, ...)")
-    names = list(params["models"])
-    attacked = _comma_items(params["attack"]["settings"], "attack.settings", ATTACK_SETTINGS)
-    _name_list(_get(analysis, "models", "analysis"), "analysis.models", names)
-    require_choice(_get(analysis, "setting", "analysis"), attacked, "analysis.setting")
-    rep = _get(analysis, "representations", "analysis")
-    require_int(_get(rep, "n_fit", "analysis.representations"), "analysis.representations.n_fit",
-                minimum=10)
-    require_int(_get(rep, "n_arrows", "analysis.representations"),
-                "analysis.representations.n_arrows", minimum=1)
-    sal = _get(analysis, "saliency", "analysis")
-    require_int(_get(sal, "n_examples", "analysis.saliency"), "analysis.saliency.n_examples",
-                minimum=1)
-    require_number(_get(sal, "top_fraction", "analysis.saliency"),
-                   "analysis.saliency.top_fraction", low=0, high=1, low_open=True)
-    det = _get(analysis, "detection", "analysis")
-    require_choice(_get(det, "model", "analysis.detection"), names, "analysis.detection.model")
-    n_fit = _get(det, "n_fit", "analysis.detection")
-    require_int(n_fit, "analysis.detection.n_fit", minimum=10)
-    require_int(_get(det, "lid_k", "analysis.detection"), "analysis.detection.lid_k", minimum=2)
-    if det["lid_k"] >= n_fit:
-        raise ConfigError(f"analysis.detection.lid_k = {det['lid_k']} must be below "
-                          f"analysis.detection.n_fit = {n_fit}")
-    compare = _get(analysis, "compare", "analysis")
-    _comma_items(_get(compare, "models", "analysis.compare"), "analysis.compare.models", names)
-    for key in ("balanced", "long_tailed"):
-        require_choice(_get(compare, key, "analysis.compare"), names, f"analysis.compare.{key}")
-    require_choice(_get(compare, "setting", "analysis.compare"), attacked,
-                   "analysis.compare.setting")
-    claims = _get(analysis, "claims", "analysis")
-    _comma_items(_get(claims, "main_models", "analysis.claims"), "analysis.claims.main_models",
-                 names)
-    require_choice(_get(claims, "defence_model", "analysis.claims"), params["defend"]["models"],
-                   "analysis.claims.defence_model")
-    require_choice(_get(claims, "setting", "analysis.claims"), attacked, "analysis.claims.setting")
+def _distinct(values: list[T]) -> list[T]:
+    repeated = sorted({v for v in values if values.count(v) > 1})
+    if repeated:
+        raise ValueError(f"lists {repeated} more than once")
+    return values
 
 
-#: section name -> checker(params) ; each reads what it needs from the whole mapping.
-SECTION_CHECKS: dict[str, Callable[[Mapping[str, Any]], None]] = {
-    "data": lambda p: _check_data(p["data"]),
-    "models": lambda p: _check_models(p["models"]),
-    "attack": lambda p: _check_attack(p["attack"]),
-    "defend": lambda p: _check_defend(p["defend"], p),
-    "sweep": lambda p: _check_sweep(p),
-    "analysis": lambda p: _check_analysis(p["analysis"], p),
-}
+#: A non-empty list without repeats.
+Distinct = Annotated[list[T], Field(min_length=1, json_schema_extra={"uniqueItems": True}),
+                     AfterValidator(_distinct)]
 
+
+def _float_not_int(value: Any) -> Any:
+    # DVC writes ${item.eps} into file names as params.yaml spells it, the sweep names its files
+    # by the float's repr: 1 and 1.0 would name two files for one eps.
+    if isinstance(value, int) and not isinstance(value, bool):
+        raise ValueError(f"write {value} as a float, {float(value)!r}: sweep files are named "
+                         f"after the float (calib.analysis.sweeps.format_eps)")
+    return value
+
+
+# --- the sections -------------------------------------------------------------------------------
+
+class _Section(BaseModel):
+    """Strict, closed, documented: the settings every section of the schema shares."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False,
+                              use_attribute_docstrings=True)
+
+
+class Data(_Section):
+    """The dataset, where its raw files come from, and how it is split."""
+
+    dataset: Annotated[str, _OneOf(_datasets)]
+    """The dataset (Fashion-MNIST for the default profile)."""
+    root: str
+    """Folder of the raw files (data/raw)."""
+    download: bool
+    """Allow torchvision downloads when the files are not on disk."""
+    mirror: str
+    """Local folder holding <dataset>/ raw files (e.g. a lab's copy), copied in before any
+    download; "" = none."""
+    checksums: str
+    """JSON file {raw path: MD5} replacing the published checksums (re-packaged files);
+    "" = the published ones."""
+    val_fraction: float = Field(gt=0, lt=1)
+    """Fraction of the training images held out for validation (0.0833333: 5,000 of 60,000)."""
+    attack_size: int = Field(ge=1)
+    """The first N test images are attacked (paper: 500)."""
+    subset_train: int = Field(ge=0)
+    """0 = all training images; >0 keeps a seeded subset (smoke runs)."""
+
+    @field_validator("mirror")
+    @classmethod
+    def _mirror_is_a_folder(cls, mirror: str) -> str:
+        if mirror and not Path(mirror).is_dir():
+            raise ValueError(f"{mirror!r} is not a folder; it should hold <dataset>/ with the "
+                             f"raw files (\"\" for none)")
+        return mirror
+
+    @field_validator("checksums")
+    @classmethod
+    def _checksums_are_readable(cls, checksums: str) -> str:
+        from calib.data import read_checksums
+
+        read_checksums(checksums)
+        return checksums
+
+
+class Train(_Section):
+    """Training hyper-parameters of one model (SPEC §7 recipe)."""
+
+    epochs: int = Field(ge=1)
+    """Passes over the training split."""
+    batch_size: int = Field(ge=1)
+    """Images per step."""
+    optimizer: Annotated[str, _OneOf(_optimizers)]
+    """SGD (Nesterov) or AdamW (for ViTs trained from scratch)."""
+    lr: float = Field(gt=0)
+    """Peak learning rate."""
+    weight_decay: float = Field(ge=0)
+    """Weight decay."""
+    warmup_epochs: float = Field(ge=0)
+    """Epochs of linear learning-rate warm-up (may be fractional)."""
+    augment_pad: int = Field(ge=0)
+    """Random-crop padding in pixels (0 = no crop augmentation)."""
+    augment_flip: bool
+    """Random horizontal flips."""
+    imbalance_ratio: float = Field(ge=1)
+    """>1: long-tailed training set (head/tail class size ratio)."""
+
+
+class Model(_Section):
+    """One model: architecture, input size and training recipe."""
+
+    arch: str
+    """A calib zoo name (e.g. resnet18, vit_fmnist_d6) or a timm architecture name."""
+    pretrained: bool
+    """Start from timm's pretrained weights."""
+    img_size: int = Field(ge=8)
+    """Input side in pixels; images are resized to it."""
+    train: Train
+    """Training hyper-parameters."""
+
+    @field_validator("arch")
+    @classmethod
+    def _arch_is_known(cls, arch: str) -> str:
+        from calib.models import check_arch
+
+        check_arch(arch)
+        return arch
+
+
+class Attack(_Section):
+    """The attack stage (SPEC §3-5); radii on the [0, 1] pixel scale."""
+
+    settings: Annotated[str, _Names(_settings)]
+    """Method-norm pairs, comma-separated (e.g. square-linf,square-l2,pgd-linf)."""
+    kinds: Annotated[str, _Names(_kinds)]
+    """Attack kinds, comma-separated (e.g. uca,oca,mma,rca)."""
+    eps: float = Field(gt=0, le=1)
+    """L-inf radius (the paper's eps)."""
+    eps_l2: float = Field(gt=0)
+    """L2 radius."""
+    square_iterations: int = Field(ge=1)
+    """Query budget per image (black-box Square Attack)."""
+    square_p_init: float = Field(gt=0, le=1)
+    """Square Attack's initial window (fraction of pixels; 0.05 is the ImageNet setting)."""
+    pgd_iterations: int = Field(ge=1)
+    """Gradient steps (white-box PGD)."""
+    pgd_alpha: float = Field(gt=0)
+    """PGD step size."""
+
+
+class FineTune(_Section):
+    """How training-time defences fine-tune the clean checkpoint."""
+
+    epochs: int = Field(ge=1)
+    """Passes over the (subset of the) training split."""
+    subset: int = Field(ge=0)
+    """Seeded subset of the training split (0 = all of it)."""
+    batch_size: int = Field(ge=1)
+    """Images per step."""
+    lr: float = Field(gt=0)
+    """Peak learning rate of the cosine schedule."""
+
+
+class SplineOptions(_Section):
+    """Spline calibration (calib.defences.posthoc.SplineCalibration)."""
+
+    n_knots: int = Field(ge=3)
+    """Knots of the natural cubic spline."""
+
+
+class AAAOptions(_Section):
+    """Adaptive Attack Against (calib.defences.posthoc.AAA)."""
+
+    tau: float = Field(gt=0)
+    """Period of the attractors on the logit margin."""
+    lr: float = Field(gt=0)
+    """Adam learning rate."""
+    steps: int = Field(ge=0)
+    """Adam steps."""
+    calib_weight: float = Field(ge=0)
+    """Weight of the confidence-preservation term."""
+    bpda: bool
+    """White-box PGD passes gradients through AAA (adaptive attack)."""
+
+
+class MDTSOptions(_Section):
+    """Multi-domain temperature scaling (calib.defences.posthoc.MDTS)."""
+
+    ridge: float = Field(ge=0)
+    """Ridge penalty of the temperature regression."""
+
+
+class LabelSmoothingOptions(_Section):
+    """Label smoothing (calib.defences.training.CrossEntropyStep)."""
+
+    smoothing: float = Field(ge=0, lt=1)
+    """Label-smoothing factor (0 = plain cross-entropy)."""
+
+
+class DCAOptions(_Section):
+    """DCA, difference between confidence and accuracy (calib.defences.training.DCAStep)."""
+
+    beta: float = Field(ge=0)
+    """Weight of the penalty (paper: 10)."""
+
+
+class SAMOptions(_Section):
+    """Sharpness-aware minimisation (calib.defences.training.SAMStep)."""
+
+    rho: float = Field(gt=0)
+    """Radius of the weight perturbation (paper: 0.05)."""
+
+
+class PGDATOptions(_Section):
+    """PGD adversarial training (calib.defences.training.PGDATStep)."""
+
+    eps: float = Field(gt=0, le=1)
+    """L-inf radius (8/255)."""
+    alpha: float = Field(gt=0)
+    """PGD step size (2/255)."""
+    steps: int = Field(ge=0)
+    """PGD steps (10)."""
+
+
+class CAATOptions(_Section):
+    """Calibration-attack adversarial training (calib.defences.training.CAATStep)."""
+
+    eps: float = Field(gt=0, le=1)
+    """L-inf radius of the UCA and OCA examples (released code: 0.1)."""
+    iterations: int = Field(ge=1)
+    """PGD steps per attack (released code: 10)."""
+    alpha: float = Field(gt=0)
+    """PGD step size (released code: 2/255)."""
+
+
+class DefenceOptions(_Section):
+    """Per defence, the options its constructor takes (SPEC §8 defaults)."""
+
+    spline: SplineOptions
+    """Spline calibration."""
+    aaa: AAAOptions
+    """AAA."""
+    mdts: MDTSOptions
+    """MDTS."""
+    label_smoothing: LabelSmoothingOptions
+    """Label smoothing."""
+    dca: DCAOptions
+    """DCA."""
+    sam: SAMOptions
+    """SAM."""
+    pgd_at: PGDATOptions
+    """PGD adversarial training (PGD-10 at 8/255 with steps of 2/255)."""
+    caat: CAATOptions
+    """CAAT (released code: eps 0.1, 10 steps of 2/255)."""
+
+
+class Defend(_Section):
+    """The defence stage (SPEC §8, paper Table 4): each defence is fit or trained, then
+    attacked."""
+
+    models: Distinct[str]
+    """Trained models to defend (keys of models)."""
+    defences: Distinct[Annotated[str, _OneOf(_defences)]]
+    """Defences to evaluate; "none" is the reference, "finetune" the control of the
+    training-time ones."""
+    settings: Annotated[str, _Names(_settings)]
+    """Method-norm pairs, comma-separated: black-box Square queries the defended model,
+    white-box PGD differentiates through it."""
+    kinds: Annotated[str, _Names(_kinds)]
+    """Attack kinds, comma-separated."""
+    n_images: int = Field(ge=1)
+    """The first N images of the attack split (at most data.attack_size)."""
+    square_iterations: int = Field(ge=1)
+    """Queries per image (eps and PGD step size: from attack)."""
+    pgd_iterations: int = Field(ge=1)
+    """Gradient steps."""
+    mdts_val_size: int = Field(ge=1)
+    """Validation images attacked (PGD UCA and OCA) to fit MDTS."""
+    finetune: FineTune
+    """Fine-tuning of the training-time defences."""
+    options: DefenceOptions
+    """Per defence, its options."""
+
+
+class Sweep(_Section):
+    """Paper Fig. 2: every attack at each eps (one stage per model x eps)."""
+
+    models: Distinct[str]
+    """Models swept (keys of models)."""
+    eps: Distinct[Annotated[float, Field(gt=0, le=1), BeforeValidator(_float_not_int)]]
+    """L-inf radii on the [0, 1] scale; write floats (file names use their repr)."""
+    settings: Annotated[str, _Names(_sweep_settings)]
+    """L-inf method-norm pairs, comma-separated."""
+    kinds: Annotated[str, _Names(_kinds)]
+    """Attack kinds, comma-separated."""
+    n_images: int = Field(ge=1)
+    """The first N images of the attack split (at most data.attack_size)."""
+    square_iterations: int = Field(ge=1)
+    """Queries per image (the query curve comes from the attack stage)."""
+    pgd_iterations: int = Field(ge=1)
+    """Gradient steps."""
+    pgd_alpha_fraction: float = Field(gt=0, le=2)
+    """PGD step = this x eps (0.4: 0.04 at eps 0.1, as in attack)."""
+
+
+class Representations(_Section):
+    """Class means and PCA of the penultimate features."""
+
+    n_fit: int = Field(ge=10)
+    """Clean training images for the class means and the PCA."""
+    n_arrows: int = Field(ge=1)
+    """Attacked images drawn as arrows in the projection."""
+
+
+class Saliency(_Section):
+    """Saliency maps before and after the attacks."""
+
+    n_examples: int = Field(ge=1)
+    """Images whose maps are drawn."""
+    top_fraction: float = Field(gt=0, le=1)
+    """Top-k pixel overlap (IoU) uses this fraction of each map."""
+
+
+class Detection(_Section):
+    """Table 2: Mahalanobis and LID detectors (ResNet only, as the paper)."""
+
+    model: str
+    """The model the detectors watch (a key of models)."""
+    n_fit: int = Field(ge=10)
+    """Clean training images the detectors are fit on (seeded subset)."""
+    lid_k: int = Field(ge=2)
+    """LID nearest neighbours (Ma et al. 2018); below n_fit."""
+
+
+class Compare(_Section):
+    """Architecture/size and class imbalance (every model is attacked)."""
+
+    models: str
+    """Models compared, comma-separated (keys of models)."""
+    balanced: str
+    """The model trained on the balanced set (a key of models)."""
+    long_tailed: str
+    """The same model trained on the long-tailed set (a key of models)."""
+    setting: Annotated[str, _OneOf(_settings)]
+    """Attack setting compared (one of attack.settings)."""
+
+
+class Claims(_Section):
+    """The paper's claims checked on the results."""
+
+    main_models: str
+    """The main models, comma-separated (keys of models)."""
+    defence_model: str
+    """The model whose defences are judged (one of defend.models)."""
+    setting: Annotated[str, _OneOf(_settings)]
+    """Attack setting the claims read (one of attack.settings)."""
+
+
+class Analysis(_Section):
+    """SPEC §9 characteristic analyses."""
+
+    models: Distinct[str]
+    """Models of the per-model analyses (representations, saliency; keys of models)."""
+    setting: Annotated[str, _OneOf(_settings)]
+    """Attack setting analysed (one of attack.settings)."""
+    representations: Representations
+    """Feature-space analysis."""
+    saliency: Saliency
+    """Saliency analysis."""
+    detection: Detection
+    """Adversarial-example detectors."""
+    compare: Compare
+    """Model comparison."""
+    claims: Claims
+    """Claims check."""
+
+
+class Params(_Section):
+    """Parameters of the Calibration Attacks pipeline (params.yaml, rendered from profiles/ by
+    `python -m calib.profiles <profile>`)."""
+
+    profile: ProfileName
+    """The profile params.yaml was rendered from."""
+    seed: int = Field(ge=0)
+    """Seed of every random draw."""
+    device: str = Field(json_schema_extra={"pattern": DEVICE_PATTERN})
+    """auto (cuda when available), cpu, cuda or cuda:N."""
+    data: Data
+    """Dataset and splits."""
+    models: dict[str, Model] = Field(min_length=1)
+    """Per model name: architecture, then its training hyper-parameters."""
+    attack: Attack
+    """The attack stage."""
+    defend: Defend
+    """The defence stage."""
+    sweep: Sweep
+    """The eps sweep."""
+    analysis: Analysis
+    """The characteristic analyses."""
+
+    @field_validator("device")
+    @classmethod
+    def _device_is_known(cls, device: str) -> str:
+        if not re.fullmatch(DEVICE_PATTERN, device):
+            raise ValueError(f"{device!r} is not allowed; choose 'auto', 'cpu' or 'cuda[:N]'")
+        return device
+
+    @model_validator(mode="after")
+    def _cross_section_rules(self) -> Params:
+        """The rules that tie sections together, each reported at the key that breaks them."""
+        errors: list[tuple[tuple[str | int, ...], Any, str]] = []
+        names = list(self.models)
+
+        def model_name(loc: tuple[str | int, ...], name: str) -> None:
+            if name not in names:
+                errors.append((loc, name, f"{name!r} is not a key of models; choose one of "
+                                          f"{names}"))
+
+        def model_names(loc: tuple[str | int, ...], value: str) -> None:
+            try:
+                _parse_names(str(loc[-1]), value, names)
+            except ValueError as err:
+                errors.append((loc, value, f"{err} (the keys of models)"))
+
+        for section, listed in (("defend", self.defend.models), ("sweep", self.sweep.models),
+                                ("analysis", self.analysis.models)):
+            for i, name in enumerate(listed):
+                model_name((section, "models", i), name)
+        analysis = self.analysis
+        model_name(("analysis", "detection", "model"), analysis.detection.model)
+        model_names(("analysis", "compare", "models"), analysis.compare.models)
+        model_name(("analysis", "compare", "balanced"), analysis.compare.balanced)
+        model_name(("analysis", "compare", "long_tailed"), analysis.compare.long_tailed)
+        model_names(("analysis", "claims", "main_models"), analysis.claims.main_models)
+        if analysis.claims.defence_model not in self.defend.models:
+            errors.append((("analysis", "claims", "defence_model"), analysis.claims.defence_model,
+                           f"{analysis.claims.defence_model!r} is not defended; choose one of "
+                           f"defend.models {self.defend.models}"))
+        attacked = _parse_names("settings", self.attack.settings, _settings())
+        for loc, setting in (
+                (("analysis", "setting"), analysis.setting),
+                (("analysis", "compare", "setting"), analysis.compare.setting),
+                (("analysis", "claims", "setting"), analysis.claims.setting)):
+            if setting not in attacked:
+                errors.append((loc, setting, f"{setting!r} is not attacked; choose one of "
+                                             f"attack.settings {attacked}"))
+        size = self.data.attack_size
+        for section, n_images in (("defend", self.defend.n_images),
+                                  ("sweep", self.sweep.n_images)):
+            if n_images > size:  # both attack a prefix of the attack split
+                errors.append(((section, "n_images"), n_images, f"{n_images} exceeds "
+                               f"data.attack_size = {size} (images come from the attack split)"))
+        detection = analysis.detection
+        if detection.lid_k >= detection.n_fit:
+            errors.append((("analysis", "detection", "lid_k"), detection.lid_k,
+                           f"{detection.lid_k} must be below analysis.detection.n_fit = "
+                           f"{detection.n_fit}"))
+        if errors:
+            raise ValidationError.from_exception_data(type(self).__name__, [
+                InitErrorDetails(type=PydanticCustomError("cross_section", "{message}",
+                                                          {"message": message}),
+                                 loc=loc, input=value)
+                for loc, value, message in errors])
+        return self
+
+
+# --- readable messages ----------------------------------------------------------------------------
+
+#: pydantic's type errors -> what the key must be.
+_EXPECTED = {"int_type": "an integer", "float_type": "a number", "finite_number": "a finite number",
+             "bool_type": "true or false", "string_type": "a string", "list_type": "a list",
+             "dict_type": "a mapping", "model_type": "a mapping"}
+_RANGE_ERRORS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal")
+
+
+def _one_line(text: str) -> str:
+    """A docstring's text on one line (messages are one line per problem)."""
+    return " ".join(text.split())
+
+
+def _dotted(loc: Sequence[str | int]) -> str:
+    """("sweep", "eps", 1) -> "sweep.eps[1]"."""
+    text = ""
+    for key in loc:
+        text += f"[{key}]" if isinstance(key, int) else f".{key}" if text else str(key)
+    return text or "(top level)"
+
+
+def _node(loc: Sequence[str | int]) -> tuple[Any, list[Any]]:
+    """The type the schema expects at ``loc`` and its constraints; (None, []) if none."""
+    annotation: Any = Params
+    metadata: list[Any] = []
+    for key in loc:
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            field = annotation.model_fields.get(str(key))
+            if field is None:
+                return None, []
+            annotation, metadata = field.annotation, list(field.metadata)
+        elif get_origin(annotation) in (list, dict):
+            annotation, metadata = get_args(annotation)[-1], []
+        else:
+            return None, []
+        while get_origin(annotation) is Annotated:
+            annotation, *extra = get_args(annotation)
+            for item in extra:
+                metadata.extend(item.metadata if isinstance(item, FieldInfo) else [item])
+    return annotation, metadata
+
+
+def _bounds(metadata: Sequence[Any]) -> str:
+    """The range the constraints allow: "in (0, 1]", ">= 1", or "" when unbounded."""
+    low = high = None
+    for item in metadata:
+        if isinstance(item, annotated_types.Gt):
+            low = ("(", ">", item.gt)
+        elif isinstance(item, annotated_types.Ge):
+            low = ("[", ">=", item.ge)
+        elif isinstance(item, annotated_types.Lt):
+            high = (")", "<", item.lt)
+        elif isinstance(item, annotated_types.Le):
+            high = ("]", "<=", item.le)
+    if low and high:
+        return f"in {low[0]}{low[2]}, {high[2]}{high[0]}"
+    bound = low or high
+    return f"{bound[1]} {bound[2]}" if bound else ""
+
+
+def _message(error: ErrorDetails) -> str:
+    """One readable line for one pydantic error: the dotted key, what is wrong, what is
+    allowed."""
+    loc, kind, value = error["loc"], error["type"], error.get("input")
+    path = _dotted(loc)
+    if kind == "extra_forbidden":
+        parent, _ = _node(loc[:-1])
+        allowed = list(parent.model_fields) if parent is not None else []
+        close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        where = f"in {_dotted(loc[:-1])}" if loc[:-1] else "at the top level"
+        return f"{path}: unknown key; {hint}allowed {where}: {', '.join(allowed)}"
+    if kind == "missing":
+        parent, _ = _node(loc[:-1])
+        field = parent.model_fields.get(str(loc[-1])) if parent is not None else None
+        described = f". {_one_line(field.description)}" if field and field.description else ""
+        return f"{path}: missing key{described}"
+    if kind in _EXPECTED:
+        bounds = _bounds(_node(loc)[1])
+        return f"{path}: must be {_EXPECTED[kind]}{' ' + bounds if bounds else ''}, " \
+               f"got {value!r}"
+    if kind in _RANGE_ERRORS:
+        return f"{path}: {value!r} is out of range; must be {_bounds(_node(loc)[1])}"
+    if kind == "too_short":
+        return f"{path}: must not be empty"
+    if kind == "literal_error":
+        return f"{path}: {value!r} is not allowed; choose one of {error['ctx']['expected']}"
+    if kind == "value_error":
+        return f"{path}: {error['ctx']['error']}"
+    return f"{path}: {error['msg']}"
+
+
+# --- checking and loading ---------------------------------------------------------------------
 
 def check_params(params: Mapping[str, Any]) -> None:
-    """Validate a parsed params.yaml; raise :class:`ConfigError` naming the offending key."""
-    if not isinstance(params, Mapping):
-        raise ConfigError("params.yaml must be a mapping of sections")
-    _check_top(params)
-    for section, check in SECTION_CHECKS.items():
-        if section not in params:
-            raise ConfigError(f"missing section {section!r} in params.yaml")
-        check(params)
+    """Validate a parsed params.yaml against :class:`Params`.
+
+    Raises:
+        ConfigError: one line per problem, each naming the dotted key, what is wrong and what
+            is allowed.
+    """
+    try:
+        Params.model_validate(params)
+    except ValidationError as err:
+        raise ConfigError("\n".join(_message(e) for e in err.errors(include_url=False))
+                          ) from None
 
 
 def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
-    """Read and validate a params file."""
+    """Read and validate a params file; the parsed mapping as it is in the file."""
     p = Path(path)
-    if not p.exists():
+    if not p.is_file():
         raise ConfigError(f"no parameters file at {p}")
-    with p.open(encoding="utf-8") as fh:
-        params = yaml.safe_load(fh)
+    try:
+        params = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{p} is not valid YAML: {err}") from None
     check_params(params)
     return params
 
 
+def schema_text() -> str:
+    """The JSON Schema of params.yaml, as ``python -m calib.config --schema`` writes it."""
+    def tidy(node: Any) -> Any:  # descriptions come from docstrings: one line each
+        if isinstance(node, dict):
+            return {k: _one_line(v) if k == "description" and isinstance(v, str) else tidy(v)
+                    for k, v in node.items()}
+        return [tidy(v) for v in node] if isinstance(node, list) else node
+
+    schema = {"$schema": "https://json-schema.org/draft/2020-12/schema",
+              **tidy(Params.model_json_schema())}
+    return json.dumps(schema, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    path = args[0] if args else "params.yaml"
+    parser = argparse.ArgumentParser(prog="python -m calib.config",
+                                     description="Check a params file against the schema.")
+    parser.add_argument("params", nargs="?", default="params.yaml",
+                        help="the file to check (default: params.yaml)")
+    parser.add_argument("--schema", action="store_true",
+                        help=f"write the JSON Schema of params.yaml to {SCHEMA_FILE} instead")
+    args = parser.parse_args(argv)
+    if args.schema:
+        from calib.io import write_text
+
+        write_text(SCHEMA_FILE, schema_text())
+        print(f"wrote {SCHEMA_FILE}")
+        return 0
     try:
-        load_params(path)
+        load_params(args.params)
     except ConfigError as err:
-        print(f"invalid configuration in {path}: {err}", file=sys.stderr)
+        lines = "".join(f"\n  {line}" for line in str(err).splitlines())
+        print(f"invalid configuration in {args.params}:{lines}", file=sys.stderr)
         return 2
-    print(f"{path}: ok")
+    print(f"{args.params}: ok")
     return 0
 
 

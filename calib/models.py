@@ -2,6 +2,8 @@
 
 Every model returned here maps images in [0, 1] to logits: the input normalisation is the
 first module inside the model, so attacks, metrics and defences never see normalised pixels.
+:func:`extract_features` reads a model's hidden layers (the detectors of paper Table 2 and the
+representation analysis use it).
 """
 
 from __future__ import annotations
@@ -15,11 +17,18 @@ import timm
 import torch
 from torch import nn
 
+from calib.checks import check_choice, check_images, check_int
+from calib.runtime import eval_mode, model_device
+
 #: Families and, per family, the timm architectures we support (prefix match on the timm name).
 FAMILIES: dict[str, tuple[str, ...]] = {
     "resnet": ("resnet",),
     "vit": ("vit_",),
 }
+
+#: Layers :func:`extract_features` reads, from the input side: the second-to-last stage of the
+#: backbone (global-average-pooled), the penultimate (pre-logit) features and the logits.
+FEATURE_LAYERS: tuple[str, ...] = ("intermediate", "penultimate", "logits")
 
 
 class Normalize(nn.Module):
@@ -44,7 +53,8 @@ class ImageClassifier(nn.Module):
 
     Attributes:
         normalize: the input normalisation.
-        net: the timm model (``forward_features`` / ``forward_head`` give penultimate features).
+        net: the timm model (``forward_features`` / ``forward_intermediates`` and
+            ``forward_head`` give the hidden layers, see :meth:`layer_features`).
     """
 
     def __init__(self, net: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
@@ -56,9 +66,94 @@ class ImageClassifier(nn.Module):
         return self.net(self.normalize(x))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Penultimate (pre-logit) features, (N, D)."""
-        feats = self.net.forward_features(self.normalize(x))
-        return self.net.forward_head(feats, pre_logits=True)
+        """Penultimate (pre-logit) features (N, D) of images ``x`` (N, C, H, W) in [0, 1]."""
+        return self.layer_features(x, ("penultimate",))["penultimate"]
+
+    def layer_features(self, x: torch.Tensor, layers: Sequence[str]) -> dict[str, torch.Tensor]:
+        """The named layers of :data:`FEATURE_LAYERS` from one backbone pass.
+
+        The backbone runs through ``forward_intermediates`` when the intermediate stage is
+        asked for and through ``forward_features`` otherwise. The penultimate features are the
+        head's pre-logits, and the logits are the classifier applied to them: the operations
+        of ``forward_head``, so they equal :meth:`forward`.
+
+        Args:
+            x: (N, C, H, W) images in [0, 1].
+            layers: names from :data:`FEATURE_LAYERS`.
+
+        Returns:
+            layer -> tensor: "intermediate" (N, C_stage), the second-to-last stage (``layer3``
+            of a ResNet-18, the second-to-last block of a ViT) averaged over its spatial or
+            token-grid positions as Lee et al. (NeurIPS 2018) do; "penultimate" (N, D);
+            "logits" (N, K).
+        """
+        z = self.normalize(x)
+        out = {}
+        if "intermediate" in layers:
+            final, (inter,) = self.net.forward_intermediates(z, indices=[-2],
+                                                             intermediates_only=False)
+            out["intermediate"] = inter.flatten(2).mean(2) if inter.ndim > 2 else inter
+        else:
+            final = self.net.forward_features(z)
+        pre_logits = self.net.forward_head(final, pre_logits=True)
+        if "penultimate" in layers:
+            out["penultimate"] = pre_logits
+        if "logits" in layers:
+            out["logits"] = self.net.get_classifier()(pre_logits)
+        return out
+
+
+@torch.no_grad()
+def extract_features(model: nn.Module, images: torch.Tensor, *,
+                     layers: Sequence[str] = FEATURE_LAYERS, batch_size: int = 256,
+                     dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Features of ``images`` at the named layers, batch by batch, in eval mode.
+
+    An :class:`ImageClassifier` gives every layer of :data:`FEATURE_LAYERS` from one backbone
+    pass (:meth:`ImageClassifier.layer_features`). Any other model gives "logits" (its output)
+    and "penultimate" (its ``features(x)`` method, if it has one), and no "intermediate".
+
+    Args:
+        model: maps images in [0, 1] to logits; its modes are restored afterwards.
+        images: (N, C, H, W) in [0, 1]; each batch is moved to the model's device.
+        layers: names from :data:`FEATURE_LAYERS`.
+        batch_size: images per forward pass.
+        dtype: dtype of the returned features (the detectors' linear algebra wants float64).
+
+    Returns:
+        layer -> (N, D_layer) in ``dtype`` on the CPU.
+
+    Raises:
+        ValueError: invalid images, layers or batch size, or a layer the model cannot give.
+    """
+    images = check_images(images)
+    if isinstance(layers, str) or not layers:
+        raise ValueError(f"layers must be a non-empty sequence of {list(FEATURE_LAYERS)}, "
+                         f"got {layers!r}")
+    for layer in layers:
+        check_choice("layers item", layer, FEATURE_LAYERS)
+    if not isinstance(model, ImageClassifier):
+        if "intermediate" in layers:
+            raise ValueError("layer 'intermediate' needs an ImageClassifier (a timm backbone "
+                             "with forward_intermediates)")
+        if "penultimate" in layers and not callable(getattr(model, "features", None)):
+            raise ValueError("layer 'penultimate' needs a model with a features(x) method "
+                             "returning penultimate features (N, D), like ImageClassifier")
+    check_int("batch_size", batch_size, minimum=1)
+    device = model_device(model)
+    out: dict[str, list[torch.Tensor]] = {layer: [] for layer in layers}
+    with eval_mode(model):
+        for chunk in images.split(batch_size):
+            x = chunk.to(device)
+            if isinstance(model, ImageClassifier):
+                feats = model.layer_features(x, layers)
+            else:
+                feats = {"logits": model(x)} if "logits" in layers else {}
+                if "penultimate" in layers:
+                    feats["penultimate"] = model.features(x)
+            for layer in layers:
+                out[layer].append(feats[layer].flatten(1).to(dtype).cpu())
+    return {layer: torch.cat(parts) for layer, parts in out.items()}
 
 
 #: Named small variants for 28x28 inputs, trained from scratch in the default profile:
@@ -124,8 +219,7 @@ def create_model(
         (N, in_chans, img_size, img_size) to logits (N, num_classes).
     """
     family = check_arch(arch)
-    if num_classes < 2:
-        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+    check_int("num_classes", num_classes, minimum=2)
     if len(mean) != in_chans:
         raise ValueError(f"mean/std have {len(mean)} channels but in_chans = {in_chans}")
     timm_name, kwargs = (MODEL_ZOO[arch][1], dict(MODEL_ZOO[arch][2])) if arch in MODEL_ZOO \

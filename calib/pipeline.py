@@ -2,13 +2,16 @@
 
 Usage (this is what every ``dvc.yaml`` stage calls)::
 
-    python -m calib.pipeline NOTEBOOK OUTPUT [-p NAME VALUE ...]
+    python -m calib.pipeline NOTEBOOK OUTPUT [-p NAME VALUE ...] [-P NAME KEY ...]
 
 * ``params.yaml`` is validated first (:func:`calib.config.load_params`), so bad configuration
   stops the stage before a kernel starts, naming the key and the allowed values.
-* The ``-p`` names must be exactly the names in the notebook's single ``parameters`` cell.
-  Values are parsed as YAML scalars (``true``, ``0.05``, ``null`` ...), which is how DVC renders
-  params.yaml values into the command line.
+* The ``-p`` and ``-P`` names together must be exactly the names in the notebook's single
+  ``parameters`` cell. ``-p`` values are parsed as YAML scalars (``true``, ``0.05``, ``null``
+  ...), which is how DVC renders params.yaml values into the command line. ``-P NAME KEY`` passes
+  the value at the dotted ``KEY`` of params.yaml (e.g. ``defend.options``) as it is, so a
+  mapping reaches the notebook as one mapping; the stage lists ``KEY`` under ``params:`` so DVC
+  still reruns it when the value changes.
 * The executed notebook is written beside OUTPUT and renamed into place only if every cell ran;
   a failed run is kept under ``reports/failed/`` for debugging and the stage exits non-zero.
 """
@@ -58,6 +61,26 @@ def parse_value(text: str) -> Any:
         return ""
     value = yaml.safe_load(text)
     return text if isinstance(value, dict | list) else value
+
+
+def params_value(params_file: str | Path, key: str) -> Any:
+    """The value at the dotted ``key`` of a params file (``"defend.options"``).
+
+    Raises:
+        KeyError: a part of ``key`` is missing (naming the part and the keys found there).
+    """
+    with Path(params_file).open(encoding="utf-8") as fh:
+        value: Any = yaml.safe_load(fh)
+    path: list[str] = []
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            found = sorted(value) if isinstance(value, dict) else []
+            where = ".".join(path) or "the top level"
+            raise KeyError(f"{params_file} has no key {key!r}: {part!r} is not in {where} "
+                           f"(keys there: {found})")
+        path.append(part)
+        value = value[part]
+    return value
 
 
 def _kernel_available(name: str) -> bool:
@@ -113,11 +136,26 @@ def validate_params_once(params_file: str | Path = "params.yaml") -> None:
 
 
 def run_stage(notebook: str, output: str, parameters: dict[str, Any], *,
-              params_file: str = "params.yaml", kernel: str = KERNEL_NAME) -> None:
-    """Validate configuration and parameters, then execute ``notebook`` into ``output``."""
+              params_keys: dict[str, str] | None = None, params_file: str = "params.yaml",
+              kernel: str = KERNEL_NAME) -> None:
+    """Validate configuration and parameters, then execute ``notebook`` into ``output``.
+
+    Args:
+        notebook, output: the source notebook and where its executed copy goes.
+        parameters: name -> value, passed as they are.
+        params_keys: name -> dotted key of ``params_file`` whose value is passed as ``name``
+            (read after the file is validated).
+        params_file: the pipeline's parameters.
+        kernel: the Jupyter kernel to run on.
+    """
     import papermill as pm
 
     validate_params_once(params_file)
+    parameters = dict(parameters)
+    for name, key in (params_keys or {}).items():
+        if name in parameters:
+            raise ValueError(f"parameter {name!r} is given twice (-p and -P)")
+        parameters[name] = params_value(params_file, key)
     expected = parameter_names(notebook)
     if sorted(expected) != sorted(parameters):
         missing = sorted(set(expected) - set(parameters))
@@ -153,13 +191,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("output")
     parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[],
                         metavar=("NAME", "VALUE"))
+    parser.add_argument("-P", "--params-key", nargs=2, action="append", default=[],
+                        metavar=("NAME", "KEY"),
+                        help="pass the params.yaml value at the dotted KEY as NAME")
     parser.add_argument("--params-file", default="params.yaml")
     parser.add_argument("-k", "--kernel", default=KERNEL_NAME)
     args = parser.parse_args(argv)
     parameters = {name: parse_value(value) for name, value in args.parameter}
     try:
-        run_stage(args.notebook, args.output, parameters, params_file=args.params_file,
-                  kernel=args.kernel)
+        run_stage(args.notebook, args.output, parameters, params_keys=dict(args.params_key),
+                  params_file=args.params_file, kernel=args.kernel)
     except Exception as err:  # a clean one-line reason on stderr, full detail above it
         from papermill.exceptions import PapermillExecutionError
 

@@ -5,6 +5,10 @@
 profile rewrites ``params.yaml`` (which DVC reads) and validates it first::
 
     python -m calib.profiles smoke        # or: make profile PROFILE=smoke
+
+The first line of params.yaml and of profiles/default.yaml points the YAML language server at
+the JSON Schema of :mod:`calib.config`, so editors complete and check them. The overlays
+(smoke, paper) hold only some keys, so they carry no such line: the schema requires every key.
 """
 
 from __future__ import annotations
@@ -17,11 +21,15 @@ from typing import Any
 
 import yaml
 
-from calib.config import ConfigError, check_params
+from calib.config import PROFILES, SCHEMA_FILE, ConfigError, check_params
 from calib.io import write_text
 
 PROFILES_DIR = Path("profiles")
-PROFILES = ("smoke", "default", "paper")
+
+#: First line of params.yaml: the schema beside it.
+PARAMS_HEADER = f"# yaml-language-server: $schema={SCHEMA_FILE}\n"
+#: First line of profiles/default.yaml: the same schema, one folder up.
+PROFILE_HEADER = f"# yaml-language-server: $schema=../{SCHEMA_FILE}\n"
 
 
 def deep_merge(base: Mapping[str, Any], overlay: Mapping[str, Any]) -> dict[str, Any]:
@@ -58,20 +66,32 @@ def render_profile(name: str, profiles_dir: Path = PROFILES_DIR) -> dict[str, An
 
 
 def dump_params(params: Mapping[str, Any]) -> str:
-    header = (f"# Generated from profiles/ by `python -m calib.profiles {params['profile']}`.\n"
+    """The text of a params.yaml holding ``params`` (the schema line, a note, then YAML)."""
+    header = (f"{PARAMS_HEADER}"
+              f"# Generated from profiles/ by `python -m calib.profiles {params['profile']}`.\n"
               "# Edit it freely (or use `dvc exp run -S key=value`); switch profile to reset.\n")
     return header + yaml.safe_dump(dict(params), sort_keys=False, default_flow_style=False)
 
 
-def use_profile(name: str, params_path: Path = Path("params.yaml"),
-                profiles_dir: Path = PROFILES_DIR) -> dict[str, Any]:
-    """Write profile ``name`` to ``params_path`` (atomically) and return it."""
+def profile_text(name: str, profiles_dir: Path = PROFILES_DIR) -> str:
+    """The text of params.yaml for profile ``name`` (validated first).
+
+    The default profile is profiles/default.yaml verbatim, comments included, but for its
+    first line, whose path to the schema is relative to profiles/.
+    """
     params = render_profile(name, profiles_dir)
-    if name == "default":  # verbatim, comments included
-        write_text(params_path, (profiles_dir / "default.yaml").read_text(encoding="utf-8"))
-    else:
-        write_text(params_path, dump_params(params))
-    return params
+    if name != "default":
+        return dump_params(params)
+    text = (profiles_dir / "default.yaml").read_text(encoding="utf-8")
+    if not text.startswith(PROFILE_HEADER):
+        raise ConfigError(f"{profiles_dir / 'default.yaml'} must start with {PROFILE_HEADER!r}")
+    return PARAMS_HEADER + text[len(PROFILE_HEADER):]
+
+
+def use_profile(name: str, params_path: Path = Path("params.yaml"),
+                profiles_dir: Path = PROFILES_DIR) -> None:
+    """Write profile ``name`` to ``params_path`` (atomically)."""
+    write_text(params_path, profile_text(name, profiles_dir))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,45 +1,30 @@
-"""Training and prediction (SPEC §7): SGD + Nesterov + cosine schedule, best-val checkpoint.
+"""Training (SPEC §7): SGD + Nesterov + cosine schedule, best-val checkpoint.
 
 Training-time defences (PGD-AT, CAAT, DCA, SAM, label smoothing) plug in as a ``train_step``
-callable from :mod:`calib.defences.training`; the default step is plain cross-entropy.
+callable from :mod:`calib.defences.training`; the default step is plain cross-entropy. Device
+choice, seeding and prediction live in :mod:`calib.runtime`.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset, Subset
 from tqdm.auto import tqdm
+
+from calib.checks import check_choice, check_int
+from calib.runtime import data_loader, predict_logits
 
 #: (model, images, labels, optimizer) -> loss; runs forward, backward and optimizer.step().
 TrainStep = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.optim.Optimizer], float]
 
 OPTIMIZERS = ("sgd", "adamw")
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, numpy and torch (model initialisation and dropout use the global RNG)."""
-    random.seed(seed)
-    np.random.seed(seed)  # noqa: NPY002 - third-party code may draw from the legacy global RNG
-    torch.manual_seed(seed)
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """"auto" -> cuda if available else cpu; otherwise the named device."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(
-            f"device {device!r} requested but CUDA is not available; use 'auto' or 'cpu'")
-    return torch.device(device)
 
 
 def cross_entropy_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
@@ -97,35 +82,6 @@ class TrainResult:
     state_dict: dict[str, torch.Tensor] = field(repr=False)
 
 
-def _loader(data: Dataset, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
-    gen = torch.Generator().manual_seed(seed)
-    return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=gen,
-                      num_workers=0, drop_last=False)
-
-
-@torch.no_grad()
-def predict_logits(model: nn.Module, data: Dataset | torch.Tensor, *, batch_size: int = 512,
-                   device: str | torch.device = "cpu", show_progress: bool = False
-                   ) -> torch.Tensor:
-    """Logits (N, K) of ``model`` on a dataset of (image, label) pairs or an image tensor.
-
-    The model is evaluated in eval mode (its previous mode is restored) and the logits are
-    returned on the CPU as float32.
-    """
-    was_training = model.training
-    model.eval()
-    device = torch.device(device)
-    if isinstance(data, torch.Tensor):
-        batches = data.split(batch_size)
-    else:
-        batches = (x for x, _ in _loader(data, batch_size, shuffle=False, seed=0))
-    outs = []
-    for x in tqdm(batches, desc="predict", disable=not show_progress, leave=False):
-        outs.append(model(x.to(device)).float().cpu())
-    model.train(was_training)
-    return torch.cat(outs)
-
-
 def fit(
     model: nn.Module,
     train_data: Dataset,
@@ -161,14 +117,12 @@ def fit(
     Returns:
         A :class:`TrainResult`; ``model`` ends holding the best weights.
     """
-    if epochs < 1:
-        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    check_int("epochs", epochs, minimum=1)
     for key, part in (("train_data", train_data), ("val_data", val_data)):
         if len(part) == 0:  # type: ignore[arg-type]
             raise ValueError(f"{key} is empty: training needs images to fit on and a "
                              f"validation split to pick the best epoch")
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {optimizer!r}; allowed: {list(OPTIMIZERS)}")
+    check_choice("optimizer", optimizer, OPTIMIZERS)
     device = torch.device(device)
     model.to(device)
     step_fn = train_step or cross_entropy_step
@@ -195,7 +149,7 @@ def fit(
     for epoch in range(1, epochs + 1):
         model.train()
         loss_sum, n_seen = 0.0, 0
-        loader = _loader(train_data, batch_size, shuffle=True, seed=seed + epoch)
+        loader = data_loader(train_data, batch_size, shuffle=True, seed=seed + epoch)
         bar = tqdm(loader, desc=f"epoch {epoch}/{epochs}", disable=not show_progress,
                    leave=False)
         for x, y in bar:
@@ -235,14 +189,12 @@ def _labels_of(data: Dataset) -> torch.Tensor:
     labels = getattr(data, "labels", None)
     if isinstance(labels, torch.Tensor):
         return labels.long().cpu()
-    return torch.cat([y.reshape(-1) for _, y in _loader(data, 1024, shuffle=False, seed=0)]).long()
+    return torch.cat([y.reshape(-1) for _, y in data_loader(data, 1024)]).long()
 
 
 def _quick_train_accuracy(model: nn.Module, data: Dataset, device: torch.device,
                           n: int = 2048) -> float:
     """Accuracy on a fixed slice of the training set, in eval mode (cheap progress signal)."""
-    from torch.utils.data import Subset
-
     sub = Subset(data, range(min(n, len(data))))  # type: ignore[arg-type]
     logits = predict_logits(model, sub, device=device)
     labels = _labels_of(sub)

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from calib import checks
+from calib import checks, runtime
 from calib.attacks import (
     KINDS,
     METHODS,
@@ -108,7 +108,7 @@ def assert_invariants(result: AttackResult, model: nn.Module, images: torch.Tens
                     (conf - result.target).abs() <= thresholds.rca_tolerance))
     assert torch.equal(result.success, expected)
     # The recorded confidences are what the model says about x_adv.
-    probs = checks.predict(model, result.x_adv).softmax(1)
+    probs = runtime.predict_logits(model, result.x_adv).softmax(1)
     assert torch.allclose(probs.max(1).values, conf.to(probs.dtype), atol=1e-5)
     # History: T + 1 rows, first = clean, last = final, monotone queries and success.
     h = result.history
@@ -148,7 +148,7 @@ def test_invariants(kind: str, method: str, norm: str, seed: int, n: int, channe
     labels = torch.randint(0, num_classes, (n,), generator=torch.Generator().manual_seed(seed))
     eps = 0.5 * eps_frac if norm == "linf" else 3.0 * eps_frac
     snapshot = checks.parameters_snapshot(model)
-    flags = checks.training_flags(model)
+    flags = runtime.training_flags(model)
 
     def attack(seed: int) -> AttackResult:
         return run_attack(model, images, kind=kind, method=method, norm=norm, eps=eps,
@@ -159,7 +159,7 @@ def test_invariants(kind: str, method: str, norm: str, seed: int, n: int, channe
     assert_invariants(result, model, images, iterations)
     assert checks.parameters_unchanged(model, snapshot)
     assert all(p.grad is None for p in model.parameters())
-    assert checks.training_flags(model) == flags
+    assert runtime.training_flags(model) == flags
     if kind == "mma":
         correct = result.clean_prediction == labels
         assert torch.equal(result.mode == MODE_UCA, correct)
@@ -249,7 +249,7 @@ def test_linf_proposal_is_one_signed_square_that_changes_the_image() -> None:
     # Every pixel already at +eps: half of the fresh sign draws would change nothing.
     best = (x + eps).clamp(0, 1)
     x_new = best.clone()
-    sq._propose_linf(x, torch.arange(64), x_new, eps, side, gen)
+    sq.propose_linf(x, torch.arange(64), x_new, eps, side, gen)
     changed = (x_new - best).abs() > 0
     assert changed.flatten(1).any(1).all()
     # Changes stay inside one side x side window, at clamp(x +- eps) with a per-channel sign.
@@ -266,7 +266,7 @@ def test_l2_proposal_has_norm_eps() -> None:
     gen = torch.Generator().manual_seed(0)
     x = torch.full((8, 3, 10, 10), 0.5)
     pattern = sq.meta_pseudo_gaussian(3)
-    cand = sq._propose_l2(x, x.clone(), 0.7, 3, pattern, gen)
+    cand = sq.propose_l2(x, x.clone(), 0.7, 3, pattern, gen)
     norms = checks.perturbation_norms(x, cand, "l2")
     assert torch.allclose(norms, torch.full((8,), 0.7, dtype=torch.float64), atol=1e-5)
 

@@ -1,9 +1,9 @@
 """Dataset registry, raw files and checksums, loaders and splits (calib.data).
 
 Every registered dataset is exercised on tiny fake raw files in its native on-disk format
-(written by ``fake_data.py``), with checksum overrides; nothing touches the network (downloads
-are replaced by local stand-ins). One test reads the real Fashion-MNIST files of the Debian
-package when installed.
+(written by ``fake_data.py``), with checksum overrides, and its loader is compared with an
+independent decode of those files; nothing touches the network (downloads are replaced by local
+stand-ins). One test reads the real Fashion-MNIST files of the Debian package when installed.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.io
 import torch
 from fake_data import (
     CALTECH_FAKE,
@@ -34,9 +35,11 @@ from fake_data import (
 )
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from PIL import Image
 from torch.utils.data import DataLoader
 
 from calib import data, imbalance
+from calib.data import download
 
 
 def _fetch_fake(name: str, root: Path) -> dict:
@@ -152,6 +155,109 @@ def test_caltech101_split_is_stratified_80_10_10_and_converts_grayscale(tmp_path
             assert x.shape == (3, 12, 12) and torch.equal(x[0], x[1]) and torch.equal(x[1], x[2])
         n_gray += len(grays)
     assert n_gray == 1
+
+
+# The loaders against an independent decode of the same native files: torchvision's
+# FashionMNIST and CIFAR classes (on the test's own files, so their plain pickle is harmless),
+# scipy for SVHN, the CSV files and folder names for GTSRB and Caltech-101, PIL for images.
+
+
+def _reference_arrays(name: str, folder: Path, split: str, tmp_path: Path
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 images (N, C, H, W) and int64 labels (N,) of an in-memory dataset's split."""
+    if name == "fashion_mnist":
+        from torchvision.datasets import FashionMNIST
+
+        # torchvision reads the decompressed IDX files from <root>/FashionMNIST/raw/.
+        raw = tmp_path / "torchvision" / "FashionMNIST" / "raw"
+        raw.mkdir(parents=True, exist_ok=True)
+        for f in data.FASHION_MNIST_FILES:
+            (raw / f.removesuffix(".gz")).write_bytes(gzip.decompress((folder / f).read_bytes()))
+        ref = FashionMNIST(tmp_path / "torchvision", train=split == "train", download=False)
+        return ref.data[:, None], ref.targets
+    if name in ("cifar10", "cifar100"):
+        from torchvision.datasets import CIFAR10, CIFAR100
+
+        cifar = (CIFAR10 if name == "cifar10" else CIFAR100)(folder, train=split == "train")
+        # torchvision keeps CIFAR images as (N, H, W, C).
+        return torch.from_numpy(cifar.data).permute(0, 3, 1, 2), torch.tensor(cifar.targets)
+    mat = scipy.io.loadmat(folder / f"{split}_32x32.mat")
+    labels = torch.from_numpy(mat["y"].reshape(-1).astype(np.int64))
+    # X is (H, W, C, N); SVHN labels the digit 0 as 10.
+    return torch.from_numpy(mat["X"]).permute(3, 2, 0, 1), torch.where(labels == 10, 0, labels)
+
+
+def _gtsrb_reference(folder: Path, split: str) -> tuple[list[str], list[int]]:
+    """GTSRB's image files and labels as its CSV files list them (one per training class)."""
+    if split == "test":
+        csvs = [(folder / "GT-final_test.csv", folder / "GTSRB" / "Final_Test" / "Images")]
+    else:
+        csvs = [(d / f"GT-{d.name}.csv", d)
+                for d in sorted((folder / "GTSRB" / "Training").iterdir())]
+    paths, labels = [], []
+    for csv_path, images in csvs:
+        for row in csv_path.read_text().splitlines()[1:]:
+            fields = row.split(";")
+            paths.append(str(images / fields[0]))
+            labels.append(int(fields[-1]))
+    return paths, labels
+
+
+def _decode(paths: list[str], size: int) -> torch.Tensor:
+    """Image files as float32 (N, 3, size, size) in [0, 1]: PIL's RGB decode, then the resize
+    the loaders document (bilinear, antialiased)."""
+    out = []
+    for path in paths:
+        with Image.open(path) as img:
+            x = torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1)[None]
+        out.append(torch.nn.functional.interpolate(
+            x.float() / 255, size=(size, size), mode="bilinear", align_corners=False,
+            antialias=True).clamp(0, 1))
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("name", ["fashion_mnist", "cifar10", "cifar100", "svhn"])
+def test_in_memory_loaders_match_an_independent_decode(tmp_path, monkeypatch, name):
+    # The fake files cannot match the MD5s torchvision's CIFAR classes check on load.
+    monkeypatch.setattr("torchvision.datasets.cifar.check_integrity", lambda *_args: True)
+    _fetch_fake(name, tmp_path)
+    for split in data.SPLITS:
+        ds = data.load_split(name, tmp_path, split)
+        want_images, want_labels = _reference_arrays(name, tmp_path / name, split, tmp_path)
+        images, labels = ds.tensors()
+        assert want_images.dtype == torch.uint8 and want_labels.dtype == torch.int64
+        assert images.dtype == torch.float32 and labels.dtype == torch.int64
+        assert torch.equal(images, want_images.float() / 255)
+        assert torch.equal(labels, want_labels) and torch.equal(ds.labels, want_labels)
+
+
+def test_gtsrb_loader_matches_its_csv_files_and_a_pil_decode(tmp_path):
+    # The default fake training set has only classes 0, 2 and 42: labels are class ids,
+    # not the ranks of the folders present.
+    _fetch_fake("gtsrb", tmp_path)
+    for split in data.SPLITS:
+        ds = data.load_split("gtsrb", tmp_path, split, img_size=20)
+        paths, labels = _gtsrb_reference(tmp_path / "gtsrb", split)
+        assert ds.paths == paths
+        assert torch.equal(ds.labels, torch.tensor(labels, dtype=torch.int64))
+        images, _ = ds.tensors()
+        assert torch.equal(images, _decode(paths, 20))
+
+
+def test_caltech101_loader_matches_its_folders_and_a_pil_decode(tmp_path):
+    _fetch_fake("caltech101", tmp_path)
+    categories = tmp_path / "caltech101" / "101_ObjectCategories"
+    listing = [(str(f), data.CALTECH101_CLASSES.index(d.name))
+               for d in sorted(categories.iterdir()) if d.name != "BACKGROUND_Google"
+               for f in sorted(d.glob("*.jpg"))]
+    labels = torch.tensor([label for _, label in listing])
+    train, val, test = data.stratified_partition(labels, data.CALTECH101_FRACTIONS, seed=42)
+    for split, keep in (("train", torch.sort(torch.cat([train, val])).values), ("test", test)):
+        ds = data.load_split("caltech101", tmp_path, split, img_size=20)
+        assert ds.paths == [listing[i][0] for i in keep.tolist()]
+        assert torch.equal(ds.labels, labels[keep])
+        images, _ = ds.tensors()
+        assert torch.equal(images, _decode(ds.paths, 20))
 
 
 @pytest.mark.parametrize("name", ["gtsrb", "caltech101"])
@@ -324,7 +430,7 @@ def test_interrupted_folder_copy_leaves_nothing(tmp_path, monkeypatch):
     def broken_copy(*_args, **_kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(data.shutil, "copytree", broken_copy)
+    monkeypatch.setattr(shutil, "copytree", broken_copy)
     root = tmp_path / "raw"
     with pytest.raises(OSError, match="disk full"):
         data.fetch("caltech101", root, download=False, mirror=mirror,
@@ -380,7 +486,7 @@ def test_download_fills_missing_files_through_the_downloader(tmp_path, monkeypat
         calls.append(url)
         shutil.copyfile(mirror / filename, Path(folder) / filename)
 
-    monkeypatch.setattr(data, "_download_file", fake_download)
+    monkeypatch.setattr(download, "_download_file", fake_download)
     root = tmp_path / "raw"
     (root / "fashion_mnist").mkdir(parents=True)
     shutil.copyfile(mirror / "t10k-labels-idx1-ubyte.gz",
@@ -399,7 +505,7 @@ def test_archive_download_unpacks_into_the_dataset_folder(tmp_path, monkeypatch)
         assert filename == "cifar-10-python.tar.gz" and md5 == data.SOURCES["cifar10"][0].md5
         made.update(write_cifar10(Path(folder).parent))
 
-    monkeypatch.setattr(data, "_download_archive", fake_archive)
+    monkeypatch.setattr(download, "_download_archive", fake_archive)
     with pytest.raises(data.DataIntegrityError):  # the fake files fail the published checksums
         data.fetch("cifar10", tmp_path, download=True)
     assert data.verify("cifar10", tmp_path, checksums=made["checksums"]) == tmp_path / "cifar10"
@@ -409,7 +515,7 @@ def test_failed_download_raises_unavailable_with_instructions(tmp_path, monkeypa
     def offline(*_args: object) -> None:
         raise OSError("network is unreachable")
 
-    monkeypatch.setattr(data, "_download_file", offline)
+    monkeypatch.setattr(download, "_download_file", offline)
     with pytest.raises(data.DataUnavailableError, match=r"could not download.*unreachable") as e:
         data.fetch("svhn", tmp_path, download=True)
     assert "train_32x32.mat" in str(e.value)
@@ -450,6 +556,14 @@ def test_real_debian_fashion_mnist_verifies_and_loads(tmp_path):
     x, y = test.tensors(torch.arange(8))
     _check_images(x, 8, (1, 28, 28))
     assert y.tolist() == [9, 2, 1, 1, 6, 1, 4, 6]  # the published first test labels
+    # The same arrays as torchvision's reader of the decompressed files (a sample of train).
+    want_x, want_y = _reference_arrays("fashion_mnist", folder, "test", tmp_path)
+    assert torch.equal(test.tensors()[0], want_x.float() / 255)
+    assert torch.equal(test.labels, want_y)
+    want_x, want_y = _reference_arrays("fashion_mnist", folder, "train", tmp_path)
+    sample = torch.randperm(60000, generator=torch.Generator().manual_seed(0))[:2000]
+    assert torch.equal(train.tensors(sample)[0], want_x[sample].float() / 255)
+    assert torch.equal(train.labels, want_y)
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from calib.attacks.pgd import pgd_linf
 from calib.defences import (
     TRAINING_DEFENCES,
     CAATStep,
@@ -15,7 +16,6 @@ from calib.defences import (
     PGDATStep,
     SAMStep,
     make_train_step,
-    pgd_linf,
 )
 
 

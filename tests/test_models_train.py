@@ -1,5 +1,5 @@
 """calib.models and calib.train on tiny inputs: shapes, normalisation inside the model,
-checkpoints without pickles, seeded determinism, augmentation."""
+feature extraction, checkpoints without pickles, seeded determinism, augmentation."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from calib import models, train
+from calib import models, runtime, train
 
 
 def _tiny_resnet():
@@ -67,7 +67,7 @@ def _toy_data(n=96, seed=0):
 
 
 def _fit(seed):
-    train.seed_everything(seed)
+    runtime.seed_everything(seed)
     m = _tiny_resnet()
     res = train.fit(m, _toy_data(), _toy_data(48, 1), epochs=2, batch_size=32, lr=0.05,
                     seed=seed, show_progress=False)
@@ -98,10 +98,61 @@ def test_fit_rejects_bad_arguments():
 def test_predict_logits_restores_mode_and_matches_forward():
     m = _tiny_resnet().train()
     x = torch.rand(10, 1, 16, 16)
-    logits = train.predict_logits(m, x, batch_size=4)
+    logits = runtime.predict_logits(m, x, batch_size=4)
     assert m.training
     with torch.no_grad():
         assert torch.allclose(logits, m.eval()(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["resnet10t", "vit_fmnist_d4"])
+def test_layer_features_equal_forward_and_features_exactly(arch):
+    size = 16 if arch == "resnet10t" else 28
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        m = models.create_model(arch, num_classes=5, in_chans=1, img_size=size, mean=(0.5,),
+                                std=(0.25,)).eval()
+    x = torch.rand(3, 1, size, size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        one_pass = m.layer_features(x, models.FEATURE_LAYERS)
+        two = m.layer_features(x, ("penultimate", "logits"))
+        assert torch.equal(one_pass["logits"], m(x))
+        assert torch.equal(two["logits"], m(x))
+        assert torch.equal(one_pass["penultimate"], m.features(x))
+        assert torch.equal(two["penultimate"], m.features(x))
+    assert one_pass["intermediate"].ndim == 2 and one_pass["intermediate"].shape[0] == 3
+    assert set(two) == {"penultimate", "logits"}
+
+
+def test_extract_features_batches_dtypes_and_modes():
+    m = _tiny_resnet().train()
+    x = torch.rand(7, 1, 16, 16, generator=torch.Generator().manual_seed(2))
+    small = models.extract_features(m, x, batch_size=3, dtype=torch.float64)
+    large = models.extract_features(m, x, layers=("logits", "penultimate"), batch_size=64)
+    assert m.training
+    assert set(small) == set(models.FEATURE_LAYERS)
+    assert all(f.dtype == torch.float64 and f.shape[0] == 7 for f in small.values())
+    assert all(f.dtype == torch.float32 for f in large.values())
+    torch.testing.assert_close(small["logits"].float(), large["logits"], rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(large["logits"], m.eval()(x), rtol=1e-5, atol=1e-5)
+
+
+def test_extract_features_of_other_models_and_bad_arguments():
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+    x = torch.rand(5, 1, 4, 4)
+    assert models.extract_features(net, x, layers=("logits",))["logits"].shape == (5, 3)
+    with pytest.raises(ValueError, match="penultimate"):
+        models.extract_features(net, x, layers=("penultimate",))
+    with pytest.raises(ValueError, match="intermediate"):
+        models.extract_features(net, x, layers=("intermediate",))
+    with pytest.raises(ValueError, match="layers"):
+        models.extract_features(net, x, layers="logits")
+    with pytest.raises(ValueError, match="layers item"):
+        models.extract_features(net, x, layers=("pool5",))
+    with pytest.raises(ValueError, match="batch_size"):
+        models.extract_features(net, x, layers=("logits",), batch_size=0)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        models.extract_features(net, x * 3, layers=("logits",))
 
 
 def test_augment_batch_crops_and_flips_per_sample():

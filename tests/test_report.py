@@ -22,7 +22,8 @@ import pytest
 from browser import check_site, require_browser
 
 from calib import site
-from calib.site import SiteError, build_site, clean_notebook, strip_progress
+from calib.site import SiteError, build_site
+from calib.site.clean import WIDGET_MIME, clean_notebook, strip_progress
 
 ROOT = Path(__file__).resolve().parents[1]
 TQDM = ("\r  0%|          | 0/3 [00:00<?, ?it/s]\r 67%|######6   | 2/3 [00:00<00:00, 9.1it/s]"
@@ -57,7 +58,7 @@ def executed_notebook(title: str, *, source: str | None, parameters: dict, figur
         v4.new_code_cell("print('hello')\ntrain()\nprint('done')", id="cell-02", outputs=[
             v4.new_output("stream", name="stdout", text="hello\n"),
             v4.new_output("display_data", data={
-                site.WIDGET_MIME: {"model_id": f"{run:032x}", "version_major": 2},
+                WIDGET_MIME: {"model_id": f"{run:032x}", "version_major": 2},
                 "text/plain": "train:   0%|          | 0/3 [00:00<?, ?it/s]"}),
             v4.new_output("stream", name="stderr", text=TQDM),
             v4.new_output("stream", name="stdout", text="done\n"),

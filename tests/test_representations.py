@@ -277,7 +277,8 @@ def _fake_tree(root, *, settings=("square-linf",)):
     clean, labels = test.tensors(attack)
     adv = {f"{s}/{k}": (clean + 0.05).clamp(0, 1) for s in settings for k in rep.KINDS}
     io.save_tensors(root / "results/m/records/adversarial.safetensors", adv)
-    rows = pd.DataFrame([{"setting": s, "kind": k, "index": int(i), "label": int(y)}
+    rows = pd.DataFrame([{"setting": s, "kind": k, "index": int(i), "label": int(y),
+                          "success": True}
                          for s in settings for k in rep.KINDS
                          for i, y in zip(attack, labels, strict=True)])
     io.write_text(root / "results/m/records/attack_records.csv", rows.to_csv(index=False))
@@ -344,6 +345,7 @@ def test_load_attacked_set_rejects_misaligned_records_and_shapes(tmp_path):
     io.write_text(records, rows.iloc[::-1].to_csv(index=False))
     with pytest.raises(ValueError, match="not aligned"):
         rep.load_attacked_set("m", "square-linf", root=tmp_path)
+    io.write_text(records, rows.to_csv(index=False))
     io.save_tensors(tmp_path / "results/m/records/adversarial.safetensors",
                     {f"square-linf/{k}": torch.zeros(4, 1, 14, 14) for k in rep.KINDS})
     with pytest.raises(ValueError, match="adversarial\\['square-linf/uca'\\] must have"):

@@ -7,6 +7,7 @@ import json
 import math
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -14,37 +15,30 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tiny_models import labelled_images
+from tiny_models import seeded_conv as tiny_model
 from torch import nn
 
 from calib.analysis import sweeps
-from calib.attacks import KINDS, run_attack
-from calib.config import ConfigError
+from calib.attacks import KINDS
+from calib.attacks.grid import AttackGrid, GridRun, run_grid
+from calib.config import ConfigError, check_params
 from calib.io import write_json
 from calib.plots import save_figure
+from calib.profiles import render_profile
 
+ROOT = Path(__file__).resolve().parents[1]
 EPS_GRID = (0.05, 0.2)
 BUDGET = sweeps.SweepBudget(square_iterations=10, square_p_init=0.3, pgd_iterations=3,
                             pgd_alpha_fraction=0.4)
 eps_values = st.floats(min_value=5e-324, max_value=1.0, allow_nan=False, allow_infinity=False)
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def tiny_model(seed: int = 0) -> nn.Module:
-    """A tiny conv net on 1x8x8 images with seeded weights and spread-out confidences."""
-    gen = torch.Generator().manual_seed(seed)
-    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
-                          nn.Flatten(), nn.Linear(16, 4))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen))
-    return model.eval()
-
-
 def tiny_data(n: int = 8, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    return torch.rand(n, 1, 8, 8, generator=gen), torch.randint(0, 4, (n,), generator=gen)
+    return labelled_images(n, seed)
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Exploding(nn.Module):
@@ -85,16 +79,10 @@ def test_eps_name_round_trips_and_is_filesystem_safe(eps):
 
 @given(eps_values)
 def test_eps_name_is_what_dvc_renders(eps):
-    # dvc.yaml writes the file name as eps_${item.eps}.json and the key as ${key}: they must
-    # name the same file the notebook writes.
+    # dvc.yaml writes the file name as eps_${item.eps}.json: it must name the same file the
+    # notebook writes.
     interpolate = pytest.importorskip("dvc.parsing.interpolate")
     assert sweeps.format_eps(eps) == interpolate.to_str(eps)
-
-
-@given(st.from_regex(r"[a-z][a-z0-9._-]{0,12}", fullmatch=True), eps_values)
-def test_matrix_key_round_trips(model, eps):
-    # DVC's matrix key joins the values with "-"; model names may contain "-" and digits.
-    assert sweeps.split_matrix_key(f"{model}-{sweeps.format_eps(eps)}") == (model, eps)
 
 
 @pytest.mark.parametrize("eps", [0, 0.0, -0.1, 1.5, math.nan, math.inf, True, "0.1", None])
@@ -108,13 +96,6 @@ def test_format_eps_rejects_bad_eps(eps):
 def test_parse_eps_rejects_non_canonical_names(text):
     with pytest.raises(ValueError, match="eps"):
         sweeps.parse_eps(text)
-
-
-@pytest.mark.parametrize("key", ["resnet", "resnet-", "-0.05", "resnet-0.050", "resnet-1",
-                                 "resnet_0.05"])
-def test_split_matrix_key_rejects_bad_keys(key):
-    with pytest.raises(ValueError, match="eps"):
-        sweeps.split_matrix_key(key)
 
 
 def test_eps_from_path_rejects_other_files():
@@ -145,9 +126,11 @@ def test_sweep_point_is_deterministic(mini_sweep):
 
 
 def test_pgd_step_scales_with_eps():
-    args = BUDGET.attack_arguments("pgd-linf", 0.05)
+    grid = BUDGET.grid(0.05)
+    assert grid.settings == sweeps.SWEEP_SETTINGS and grid.eps_linf == 0.05
+    args = grid.arguments("pgd-linf")
     assert args["alpha"] == pytest.approx(0.02) and args["iterations"] == 3
-    args = BUDGET.attack_arguments("square-linf", 0.05)
+    args = grid.arguments("square-linf")
     assert args["p_init"] == 0.3 and args["iterations"] == 10 and "alpha" not in args
 
 
@@ -268,21 +251,16 @@ def test_collect_sweep_needs_files(tmp_path):
 # --- the query curve ---------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def runs() -> tuple[dict, torch.Tensor]:
-    model = tiny_model()
+def runs() -> GridRun:
     images, labels = tiny_data()
-    out = {}
-    for setting, method, extra in (("square-linf", "square", {"p_init": 0.3}),
-                                   ("pgd-linf", "pgd", {"alpha": 0.04})):
-        for kind in KINDS:
-            out[setting, kind] = run_attack(model, images, kind=kind, method=method, eps=0.1,
-                                            iterations=12, labels=labels, seed=0, **extra)
-    return out, labels
+    grid = AttackGrid(settings=sweeps.SWEEP_SETTINGS, kinds=KINDS, eps_linf=0.1,
+                      square_iterations=12, square_p_init=0.3, pgd_iterations=12, pgd_alpha=0.04)
+    return run_grid(tiny_model(), images, labels, grid, seed=0)
 
 
 def test_query_curve_comes_from_the_history(runs):
-    results, labels = runs
-    curves = sweeps.curve_frame(results, labels, model_name="tiny", points=5)
+    results, labels = runs.results, runs.labels
+    curves = runs.curves(model_name="tiny", points=5)
     assert list(curves.columns[:3]) == ["model", "setting", "kind"]
     for (setting, kind), result in results.items():
         part = curves[(curves["setting"] == setting) & (curves["kind"] == kind)]
@@ -300,8 +278,8 @@ def test_query_curve_comes_from_the_history(runs):
 
 
 def test_query_table_has_the_plot_columns(runs):
-    results, labels = runs
-    curves = sweeps.curve_frame(results, labels, model_name="tiny", points=6)
+    results, labels = runs.results, runs.labels
+    curves = runs.curves(model_name="tiny", points=6)
     for setting in sweeps.SWEEP_SETTINGS:
         wide = sweeps.query_table(curves, setting, "ece")
         assert list(wide.columns) == ["queries", "clean", *KINDS]
@@ -314,8 +292,7 @@ def test_query_table_has_the_plot_columns(runs):
 
 
 def test_query_table_rejects_several_models(runs):
-    results, labels = runs
-    curves = pd.concat([sweeps.curve_frame(results, labels, model_name=m, points=3)
+    curves = pd.concat([runs.curves(model_name=m, points=3)
                         for m in ("a", "b")])
     with pytest.raises(ValueError, match="several models"):
         sweeps.query_table(curves, "square-linf")
@@ -350,8 +327,7 @@ def test_wide_tables_keep_every_value_and_sort_x(grid, kinds, seed):
 
 def test_sweep_figure_layout_and_determinism(mini_sweep, runs, tmp_path):
     tidy = sweeps.collect_sweep(mini_sweep["folder"])
-    results, labels = runs
-    curves = sweeps.curve_frame(results, labels, model_name="tiny", points=6)
+    curves = runs.curves(model_name="tiny", points=6)
     fig = sweeps.sweep_figure(tidy, curves, eps_marks={"paper": 0.05}, title="tiny")
     axes = np.array(fig.axes).reshape(3, 4)
     for ax in axes.flat:
@@ -372,17 +348,14 @@ def test_sweep_figure_layout_and_determinism(mini_sweep, runs, tmp_path):
 # --- params.yaml -------------------------------------------------------------------------------
 
 def _params(**sweep):
-    base = {"models": {"resnet": {}, "vit": {}}, "data": {"attack_size": 500},
-            "sweep": {"models": ["resnet", "vit"], "eps": [0.02, 0.05, 0.1, 0.2],
-                      "settings": "square-linf,pgd-linf", "kinds": "uca,oca,mma,rca",
-                      "n_images": 100, "square_iterations": 200, "pgd_iterations": 20,
-                      "pgd_alpha_fraction": 0.4}}
-    base["sweep"].update(sweep)
-    return base
+    """The default profile with its sweep section changed."""
+    params = render_profile("default", ROOT / "profiles")
+    params["sweep"].update(sweep)
+    return params
 
 
-def test_check_sweep_params_accepts_the_default():
-    sweeps.check_sweep_params(_params())
+def test_the_schema_accepts_the_default_sweep():
+    check_params(_params())
 
 
 @pytest.mark.parametrize("change,key", [
@@ -391,12 +364,12 @@ def test_check_sweep_params_accepts_the_default():
     ({"models": ["resnet", "bert"]}, "sweep.models"), ({"models": []}, "sweep.models"),
     ({"settings": "square-l2"}, "sweep.settings"), ({"kinds": "uca,abc"}, "sweep.kinds"),
     ({"n_images": 501}, "sweep.n_images"), ({"n_images": 0}, "sweep.n_images"),
-    ({"square_iterations": 0}, "square_iterations"),
-    ({"pgd_alpha_fraction": 0.0}, "pgd_alpha_fraction"),
+    ({"square_iterations": 0}, "sweep.square_iterations"),
+    ({"pgd_alpha_fraction": 0.0}, "sweep.pgd_alpha_fraction"),
 ])
-def test_check_sweep_params_names_the_bad_key(change, key):
+def test_the_schema_names_the_bad_sweep_key(change, key):
     with pytest.raises(ConfigError, match=re.escape(key)):
-        sweeps.check_sweep_params(_params(**change))
+        check_params(_params(**change))
 
 
 # --- readouts ----------------------------------------------------------------------------------
@@ -416,14 +389,14 @@ def test_saturation_queries_is_the_first_budget_reaching_the_fraction(values, fr
 
 
 def test_saturation_queries_rejects_bad_fraction(runs):
-    curves = sweeps.curve_frame(*runs, model_name="tiny", points=4)
+    curves = runs.curves(model_name="tiny", points=4)
     with pytest.raises(ValueError, match="fraction"):
         sweeps.saturation_queries(curves, "square-linf", fraction=0.0)
 
 
 def test_findings_read_the_tables(mini_sweep, runs):
     tidy = sweeps.collect_sweep(mini_sweep["folder"])
-    curves = sweeps.curve_frame(*runs, model_name="tiny", points=6)
+    curves = runs.curves(model_name="tiny", points=6)
     lines = sweeps.findings(tidy, curves, paper_eps=0.05)
     clean = tidy["clean_ece"].iloc[0]
     for setting in sweeps.SWEEP_SETTINGS:
@@ -436,8 +409,8 @@ def test_findings_read_the_tables(mini_sweep, runs):
 
 def test_pgd_history_prefix_is_a_shorter_run(mini_sweep, runs):
     """The query curve needs no re-running: for PGD, history row b is exactly a b-step run."""
-    results, labels = runs
-    curves = sweeps.curve_frame(results, labels, model_name="tiny", points=None)
+    labels = runs.labels
+    curves = runs.curves(model_name="tiny", points=None)
     images = mini_sweep["images"]
     rows = sweeps.run_sweep_point(mini_sweep["model"], images, labels, eps=0.1,
                                   settings="pgd-linf", budget=BUDGET)

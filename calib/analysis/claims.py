@@ -25,6 +25,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from calib.checks import check_int, check_number
+
 #: Verdicts used in the checklist.
 VERDICTS = ("holds", "partly", "does not hold", "not measured")
 
@@ -40,10 +42,8 @@ def mma_bound(accuracy: float, num_classes: int) -> float:
         accuracy: q in [0, 1].
         num_classes: K >= 2.
     """
-    if not 0.0 <= float(accuracy) <= 1.0:
-        raise ValueError(f"accuracy must lie in [0, 1], got {accuracy!r}")
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-        raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+    check_number("accuracy", accuracy, low=0, high=1)
+    check_int("num_classes", num_classes, minimum=2)
     return 1.0 - float(accuracy) / num_classes
 
 
@@ -54,8 +54,7 @@ def ideal_mma_confidences(correct: torch.Tensor, num_classes: int) -> torch.Tens
     the notebook).
     """
     correct = torch.as_tensor(correct).to(torch.bool).reshape(-1)
-    if num_classes < 2:
-        raise ValueError(f"num_classes must be >= 2, got {num_classes!r}")
+    check_int("num_classes", num_classes, minimum=2)
     return torch.where(correct, torch.tensor(1.0 / num_classes, dtype=torch.float64),
                        torch.tensor(1.0, dtype=torch.float64))
 

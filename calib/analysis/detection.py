@@ -51,12 +51,13 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from torch import nn
 
-from calib.checks import check_choice, check_images, eval_mode
+from calib import models
+from calib.checks import check_choice, check_images, check_int
 
 #: Detectors this module implements.
 DETECTORS: tuple[str, ...] = ("mahalanobis", "lid")
-#: Layers features can be read from (see :func:`extract_features`).
-LAYERS: tuple[str, ...] = ("intermediate", "penultimate", "logits")
+#: Layers the detectors can read (:data:`calib.models.FEATURE_LAYERS`).
+LAYERS: tuple[str, ...] = models.FEATURE_LAYERS
 #: The layers each detector uses by default.
 DEFAULT_LAYERS: dict[str, tuple[str, ...]] = {
     "mahalanobis": ("intermediate", "penultimate"),
@@ -68,73 +69,19 @@ ORDINARY_SUFFIX: str = "/ordinary"
 
 # --- features --------------------------------------------------------------------------------
 
-def _timm_backbone(model: nn.Module) -> nn.Module | None:
-    """The timm net of a :class:`calib.models.ImageClassifier`-like model, else None."""
-    net = getattr(model, "net", None)
-    if net is not None and callable(getattr(model, "normalize", None)) \
-            and hasattr(net, "forward_intermediates") and hasattr(net, "forward_head"):
-        return net
-    return None
-
-
-def _layers_one_pass(model: nn.Module, net: nn.Module, x: torch.Tensor,
-                     layers: Sequence[str]) -> dict[str, torch.Tensor]:
-    """All requested layers from one backbone pass (the heads are cheap): the intermediate
-    stage from ``forward_intermediates``, the penultimate features and the logits from
-    ``forward_head`` on its final features (equal to ``model.features(x)`` and ``model(x)``)."""
-    final, (inter,) = net.forward_intermediates(model.normalize(x), indices=[-2],
-                                                intermediates_only=False)
-    out = {}
-    if "intermediate" in layers:
-        # Global average pooling over the spatial (or token-grid) positions, as Lee et al.
-        out["intermediate"] = inter.flatten(2).mean(2) if inter.ndim > 2 else inter
-    if "penultimate" in layers:
-        out["penultimate"] = net.forward_head(final, pre_logits=True)
-    if "logits" in layers:
-        out["logits"] = net.forward_head(final)
-    return out
-
-
-@torch.no_grad()
 def extract_features(model: nn.Module, images: torch.Tensor, *,
                      layers: Sequence[str] = LAYERS, batch_size: int = 256
                      ) -> dict[str, torch.Tensor]:
-    """Features of ``images`` (N, C, H, W) in [0, 1] at the named layers.
-
-    Layers: "logits" (the model's output, any ``nn.Module``), "penultimate"
-    (``model.features(x)``, e.g. :class:`calib.models.ImageClassifier`) and "intermediate"
-    (the second-to-last stage of the timm backbone, global-average-pooled; for a ResNet-18
-    ``layer3``). For an ImageClassifier all of them come from one backbone pass.
+    """Float64 features of ``images`` (N, C, H, W) in [0, 1] at the named layers, for the
+    detectors (:func:`calib.models.extract_features`, which reads every layer of a
+    :class:`calib.models.ImageClassifier` from one backbone pass; "intermediate" is the
+    second-to-last backbone stage, global-average-pooled, ``layer3`` of a ResNet-18).
 
     Returns:
         layer -> float64 (N, D_layer) on the CPU. The model runs in eval mode (restored after).
     """
-    images = check_images(images)
-    if isinstance(layers, str) or not layers:
-        raise ValueError(f"layers must be a non-empty sequence of {list(LAYERS)}, got {layers!r}")
-    for layer in layers:
-        check_choice("layers item", layer, LAYERS)
-    if "penultimate" in layers and not callable(getattr(model, "features", None)):
-        raise ValueError("layer 'penultimate' needs a model with a features(x) method "
-                         "(calib.models.ImageClassifier)")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    net = _timm_backbone(model)
-    if "intermediate" in layers and net is None:
-        raise ValueError("layer 'intermediate' needs a calib.models.ImageClassifier (a timm "
-                         "net with forward_intermediates)")
-    out: dict[str, list[torch.Tensor]] = {layer: [] for layer in layers}
-    with eval_mode(model):
-        for chunk in images.split(batch_size):
-            if net is not None:
-                feats = _layers_one_pass(model, net, chunk, layers)
-            else:
-                feats = {"logits": model(chunk)} if "logits" in layers else {}
-                if "penultimate" in layers:
-                    feats["penultimate"] = model.features(chunk)
-            for layer in layers:
-                out[layer].append(feats[layer].flatten(1).double().cpu())
-    return {layer: torch.cat(parts) for layer, parts in out.items()}
+    return models.extract_features(model, images, layers=layers, batch_size=batch_size,
+                                   dtype=torch.float64)
 
 
 # --- Mahalanobis -----------------------------------------------------------------------------
@@ -214,8 +161,7 @@ def lid_mle(queries: torch.Tensor, reference: torch.Tensor, *, k: int = 20,
         exclude_self: drop each query's nearest neighbour (use when the queries are
             themselves in ``reference``).
     """
-    if isinstance(k, bool) or not isinstance(k, int) or k < 2:
-        raise ValueError(f"k must be an integer >= 2, got {k!r}")
+    check_int("k", k, minimum=2)
     q, r = queries.double().cpu(), reference.double().cpu()
     if q.ndim != 2 or r.ndim != 2 or q.shape[1] != r.shape[1]:
         raise ValueError(f"queries and reference must be (N, D) and (M, D), got "
@@ -294,8 +240,7 @@ def fit_detector(name: str, features: Mapping[str, torch.Tensor],
             raise ValueError("labels are required for detector='mahalanobis' (class means)")
         return Detector(name, layers, gaussians={
             layer: fit_class_gaussians(features[layer], labels) for layer in layers})
-    if isinstance(k, bool) or not isinstance(k, int) or k < 2:
-        raise ValueError(f"k must be an integer >= 2, got {k!r}")
+    check_int("k", k, minimum=2)
     n = min(features[layer].shape[0] for layer in layers)
     if n < k:
         raise ValueError(f"lid needs at least k={k} reference samples, got {n}")
@@ -333,8 +278,7 @@ def evaluate_scores(clean_scores: torch.Tensor, adv_scores: torch.Tensor, *, see
                          f"{tuple(clean.shape)} and {tuple(adv.shape)}")
     if not (bool(torch.isfinite(clean).all()) and bool(torch.isfinite(adv).all())):
         raise ValueError("detector scores must be finite")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an integer, got {seed!r}")
+    check_int("seed", seed)
     n = clean.shape[0]
     if n < 2:
         return {"n_pairs": n, "n_test_pairs": 0, "auroc": math.nan, "accuracy": math.nan}
@@ -419,41 +363,6 @@ def detection_table(model: nn.Module, detectors: Mapping[str, Detector],
                          "accuracy": res["accuracy"], "linf_mean": linf, "l2_mean": l2})
     return pd.DataFrame(rows, columns=["detector", "attack", "family", "n_pairs", "auroc",
                                        "accuracy", "linf_mean", "l2_mean"])
-
-
-def attack_sets_from_records(records: pd.DataFrame, adversarial: Mapping[str, torch.Tensor],
-                             indices: torch.Tensor, *, settings: Sequence[str],
-                             kinds: Sequence[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """The calibration attacks' adversarial images and success masks from the attack stage.
-
-    Args:
-        records: ``results/<model>/records/attack_records.csv`` (columns setting, kind,
-            index, success, ...), one row per (setting, kind, attacked image).
-        adversarial: ``adversarial.safetensors``: "<setting>/<kind>" -> (N, C, H, W).
-        indices: (N,) the attack split's test indices (the order of the images).
-        settings, kinds: which attacks to take, e.g. ("square-linf", "pgd-linf") and
-            ("uca", "oca", "mma", "rca").
-
-    Returns:
-        "<setting>/<kind>" -> (x_adv (N, C, H, W), success bool (N,)), rows aligned with
-        ``indices``.
-    """
-    out = {}
-    want = indices.cpu().numpy()
-    for setting in settings:
-        for kind in kinds:
-            name = f"{setting}/{kind}"
-            if name not in adversarial:
-                raise ValueError(f"adversarial images lack {name!r}; found {sorted(adversarial)}")
-            rows = records[(records["setting"] == setting) & (records["kind"] == kind)]
-            if not np.array_equal(rows["index"].to_numpy(), want):
-                raise ValueError(f"records of {name!r} are not aligned with the attack split")
-            x_adv = adversarial[name]
-            if x_adv.shape[0] != len(want):
-                raise ValueError(f"{name!r} has {x_adv.shape[0]} images, expected {len(want)}")
-            success = torch.from_numpy(rows["success"].astype(bool).to_numpy())
-            out[name] = (x_adv, success)
-    return out
 
 
 def family_summary(table: pd.DataFrame) -> pd.DataFrame:

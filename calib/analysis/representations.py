@@ -35,14 +35,12 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from torch import nn
 
-from calib import data, paths
+from calib import data, models, paths
 from calib.attacks import KINDS
-from calib.checks import check_choice, eval_mode
-from calib.io import load_tensors, read_json
+from calib.attacks.grid import SETTINGS, attacked_images, read_records
+from calib.checks import check_choice, check_int
+from calib.io import read_json
 from calib.plots import ATTACK_COLOURS, PALETTE, use_style
-
-#: Attack settings the attack stage writes ("<method>-<norm>") and the kinds within each.
-SETTINGS: tuple[str, ...] = ("square-linf", "square-l2", "pgd-linf")
 
 #: Per-sample quantities measured before and after each attack (see the module docstring).
 QUANTITIES: tuple[str, ...] = ("d_own", "d_other", "ratio", "feature_norm", "logit_margin",
@@ -93,8 +91,7 @@ def load_attacked_set(model_name: str, setting: str, *, kinds: Sequence[str] = K
     check_choice("setting", setting, SETTINGS)
     for kind in kinds:
         check_choice("kinds", kind, KINDS)
-    records_dir = root / paths.results_dir(model_name) / "records"
-    adv_all = load_tensors(records_dir / "adversarial.safetensors")
+    all_records, adv_all = read_records(root / paths.results_dir(model_name) / "records")
     available = sorted({key.split("/")[0] for key in adv_all})
     check_choice("setting", setting, available)
     meta = read_json(root / paths.DATASET_FILE)
@@ -105,18 +102,10 @@ def load_attacked_set(model_name: str, setting: str, *, kinds: Sequence[str] = K
     images, labels = test_set.tensors(splits["attack"])
     adversarial = {}
     for kind in kinds:
-        key = f"{setting}/{kind}"
-        if key not in adv_all:
-            raise ValueError(f"kinds: {kind!r} was not run for setting {setting!r}; "
-                             f"available: {sorted(k for k in adv_all if k.startswith(setting))}")
-        adversarial[kind] = check_pair(images, adv_all[key], name=f"adversarial[{key!r}]")
-    records = pd.read_csv(records_dir / "attack_records.csv")
-    records = records[records["setting"] == setting].reset_index(drop=True)
-    for kind in kinds:
-        idx = records.loc[records["kind"] == kind, "index"].to_numpy()
-        if not np.array_equal(idx, splits["attack"].numpy()):
-            raise ValueError(f"attack_records.csv rows of {setting}/{kind} are not aligned "
-                             "with the attack split; rerun the attack stage")
+        x_adv, _ = attacked_images(all_records, adv_all, splits["attack"], setting=setting,
+                                   kind=kind)
+        adversarial[kind] = check_pair(images, x_adv, name=f"adversarial['{setting}/{kind}']")
+    records = all_records[all_records["setting"] == setting].reset_index(drop=True)
     return AttackedSet(setting=setting, images=images, labels=labels,
                        indices=splits["attack"].clone(), adversarial=adversarial,
                        records=records)
@@ -142,42 +131,17 @@ class Embeddings:
     logits: torch.Tensor
 
 
-def _head(model: nn.Module) -> nn.Module | None:
-    """The final linear layer mapping features to logits, when the model exposes one (timm
-    models inside :class:`calib.models.ImageClassifier`), so one forward pass gives both."""
-    net = getattr(model, "net", None)
-    get = getattr(net, "get_classifier", None)
-    return get() if callable(get) else None
-
-
-@torch.no_grad()
 def extract(model: nn.Module, images: torch.Tensor, *, batch_size: int = 256) -> Embeddings:
-    """Features and logits of ``images`` (N, C, H, W) in batches, in eval mode.
+    """Penultimate features and logits of ``images`` (N, C, H, W) in [0, 1], in batches, in
+    eval mode (:func:`calib.models.extract_features`; one backbone pass for a
+    :class:`calib.models.ImageClassifier`, whose logits are its head applied to the
+    features).
 
-    ``model`` must map images in [0, 1] to logits and have ``features(x) -> (N, D)`` (as
-    :class:`calib.models.ImageClassifier`). When it exposes its classifier head
-    (``model.net.get_classifier()``) the logits are the head applied to the features (one
-    pass); otherwise the model is run a second time.
+    ``model`` must map images to logits and have ``features(x) -> (N, D)``.
     """
-    features_fn = getattr(model, "features", None)
-    if not callable(features_fn):
-        raise ValueError("model must have a features(x) method returning penultimate "
-                         "features (N, D), like calib.models.ImageClassifier")
-    if not isinstance(images, torch.Tensor) or images.ndim != 4:
-        raise ValueError(f"images must be a tensor (N, C, H, W), got "
-                         f"{getattr(images, 'shape', type(images).__name__)}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    device = next(model.parameters()).device
-    head = _head(model)
-    feats, logits = [], []
-    with eval_mode(model):
-        for chunk in images.split(batch_size):
-            x = chunk.to(device)
-            f = features_fn(x)
-            feats.append(f.float().cpu())
-            logits.append((head(f) if head is not None else model(x)).float().cpu())
-    return Embeddings(torch.cat(feats), torch.cat(logits))
+    feats = models.extract_features(model, images, layers=("penultimate", "logits"),
+                                    batch_size=batch_size, dtype=torch.float32)
+    return Embeddings(feats["penultimate"], feats["logits"])
 
 
 def class_means(features: torch.Tensor, labels: torch.Tensor, num_classes: int
@@ -342,8 +306,7 @@ def pick_samples(table: pd.DataFrame, n: int, *, seed: int) -> list[int]:
         n: how many (all samples if there are fewer).
         seed: seeds the draw.
     """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be an integer >= 1, got {n!r}")
+    check_int("n", n, minimum=1)
     counts = table.groupby("sample")["perturbed"].sum()
     rng = np.random.default_rng(seed)
     chosen: list[int] = []
@@ -391,9 +354,7 @@ def fit_pca(features: torch.Tensor, n_components: int = 2) -> PCA:
     """Principal components of ``features`` (N, D), deterministic and sign-fixed (float64)."""
     if features.ndim != 2 or features.shape[0] < 2:
         raise ValueError(f"features must be (N, D) with N >= 2, got {tuple(features.shape)}")
-    if not 1 <= n_components <= min(features.shape):
-        raise ValueError(f"n_components must be in [1, {min(features.shape)}], "
-                         f"got {n_components}")
+    check_int("n_components", n_components, minimum=1, maximum=min(features.shape))
     x = features.double()
     mean = x.mean(0)
     _, s, vh = torch.linalg.svd(x - mean, full_matrices=False)

@@ -40,8 +40,9 @@ from matplotlib.patches import Patch
 from torch import nn
 
 from calib.analysis.representations import KINDS, check_pair
-from calib.checks import check_choice, check_images, eval_mode
+from calib.checks import check_choice, check_images, check_int, check_number
 from calib.plots import ATTACK_COLOURS, PALETTE, use_style
+from calib.runtime import eval_mode, model_device, predict_logits
 
 #: Similarity scores between two saliency maps, in table order.
 SIMILARITIES: tuple[str, ...] = ("cosine", "spearman", "iou_top")
@@ -67,9 +68,8 @@ def gradient_saliency(model: nn.Module, images: torch.Tensor, target: torch.Tens
             or target.is_floating_point():
         raise ValueError(f"target must be an integer tensor of shape ({images.shape[0]},), "
                          f"got {getattr(target, 'shape', type(target).__name__)}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    device = next(model.parameters()).device
+    check_int("batch_size", batch_size, minimum=1)
+    device = model_device(model)
     maps = []
     with eval_mode(model):
         for x, k in zip(images.split(batch_size), target.split(batch_size), strict=True):
@@ -157,8 +157,7 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def top_mask(maps: torch.Tensor, fraction: float) -> torch.Tensor:
     """(N, M) bool: the ``ceil(fraction * M)`` largest values of each flattened map; ties
     are broken by position (a stable sort), so the mask always has exactly that many."""
-    if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    check_number("fraction", fraction, low=0, high=1, low_open=True)
     x = maps.flatten(1)
     m = int(np.ceil(fraction * x.shape[1]))
     order = x.argsort(dim=1, descending=True, stable=True)[:, :m]
@@ -224,10 +223,8 @@ def saliency_shift(model: nn.Module, clean: torch.Tensor, adversarial: Mapping[s
         check_pair(clean, adv, name=f"adversarial[{kind!r}]")
     for baseline in baselines:
         check_choice("baselines", baseline, BASELINES)
-    device = next(model.parameters()).device
-    with torch.no_grad(), eval_mode(model):
-        prediction = torch.cat([model(x.to(device)).argmax(1).cpu()
-                                for x in clean.split(batch_size)])
+    prediction = predict_logits(model, clean, batch_size=batch_size,
+                                device=model_device(model)).argmax(1)
     linf = {kind: (adv.double() - clean.double()).flatten(1).abs().amax(1).cpu()
             for kind, adv in adversarial.items()}
     radius = torch.stack(list(linf.values())).amax(0)

@@ -10,23 +10,22 @@ Two curves, obtained differently:
   JSON file, ``results/<model>/sweep/eps_<eps>.json`` (:func:`sweep_file`);
   :func:`collect_sweep` gathers the files of a model into one tidy table.
 * **against the query budget**: no re-running. Every attack records its per-iteration history
-  (:class:`calib.attacks.AttackHistory`), so row t of one run is the outcome had the budget been
-  t + 1 queries. :func:`curve_frame` turns runs into the long table the attack stage writes as
-  ``results/<model>/attack_curves.csv``.
+  (:class:`calib.attacks.AttackHistory`); :meth:`calib.attacks.grid.GridRun.curves` turns a
+  grid's runs into the long table the attack stage writes as ``results/<model>/attack_curves.csv``.
+  Row t of a run is where that run stood after t + 1 queries; Square's window schedule is
+  rescaled to the run's whole budget, so this is a trajectory, not the outcome of a shorter run.
 
 :func:`eps_table` and :func:`query_table` pivot both into wide tables (one column per attack
 kind) that ``dvc plots`` draws directly, and :func:`sweep_figure` draws the paper-style figure.
 
-Eps names: a file or DVC matrix key names eps by Python's shortest round-tripping ``repr`` of
-the float (:func:`format_eps`: 0.05 -> "0.05", 1e-05 -> "1e-05"). That is exactly how DVC renders
-``${item.eps}`` into paths and keys, so the notebook, ``dvc.yaml`` and the files agree; the name
-uses only digits, ".", "e" and "-", so it is filesystem-safe, and :func:`parse_eps` inverts it
-exactly.
+Eps names: a file names eps by Python's shortest round-tripping ``repr`` of the float
+(:func:`format_eps`: 0.05 -> "0.05", 1e-05 -> "1e-05"). That is exactly how DVC renders
+``${item.eps}`` into paths, so ``dvc.yaml`` and the files agree; the name uses only digits, ".",
+"e" and "-", so it is filesystem-safe, and :func:`parse_eps` inverts it exactly.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -42,8 +41,9 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from calib import paths
-from calib.attacks import KINDS, AttackResult, run_attack
-from calib.checks import check_choice, check_eps, check_images, check_labels
+from calib.attacks import KINDS
+from calib.attacks.grid import SETTINGS, AttackGrid, parse_names, run_grid
+from calib.checks import check_choice, check_eps, check_int, check_number
 from calib.io import read_json
 from calib.plots import ATTACK_COLOURS, PALETTE, use_style
 from calib.reporting import KIND_ORDER
@@ -55,20 +55,16 @@ __all__ = [
     "SWEEP_SETTINGS",
     "SweepBudget",
     "budget_config",
-    "check_sweep_params",
     "collect_sweep",
     "cross_check",
-    "curve_frame",
     "eps_from_path",
     "eps_table",
     "findings",
     "format_eps",
     "parse_eps",
-    "parse_list",
     "query_table",
     "run_sweep_point",
     "saturation_queries",
-    "split_matrix_key",
     "sweep_dir",
     "sweep_figure",
     "sweep_file",
@@ -77,7 +73,7 @@ __all__ = [
 
 #: Settings "method-norm" swept over eps. L-inf only: one eps grid on the [0, 1] pixel scale
 #: cannot serve the L2 ball, whose radius lives on another scale.
-SWEEP_SETTINGS: tuple[str, ...] = ("square-linf", "pgd-linf")
+SWEEP_SETTINGS: tuple[str, ...] = tuple(s for s in SETTINGS if s.endswith("-linf"))
 
 #: The paper's default L-inf radius (224-px RGB images), marked on the eps axis for reference.
 PAPER_EPS: float = 0.05
@@ -90,10 +86,8 @@ CLEAN_METRICS: tuple[str, ...] = ("ece", "ks", "confidence")
 
 _FILE_PREFIX = "eps_"
 _FILE_SUFFIX = ".json"
-#: A positive float as ``repr`` writes it (no sign, no "inf"/"nan"), e.g. 0.05, 1e-05, 1.5e-05:
-#: always with a "." or an exponent, so "<model>-<eps>" splits in exactly one way.
+#: A positive float as ``repr`` writes it (no sign, no "inf"/"nan"), e.g. 0.05, 1e-05, 1.5e-05.
 _EPS_PATTERN = r"(?:\d+\.\d+(?:e-\d+)?|\de-\d+)"
-_KEY_RE = re.compile(rf"^(?P<model>.+?)-(?P<eps>{_EPS_PATTERN})$")
 #: Clean values of two sweep files must agree to this tolerance (JSON keeps 6 digits).
 _CLEAN_ATOL = 1e-5
 _CURVE_LABELS = {"ece": "ECE", "ks": "KS error", "confidence": "average confidence",
@@ -134,22 +128,6 @@ def parse_eps(text: str) -> float:
     return eps
 
 
-def split_matrix_key(key: str) -> tuple[str, float]:
-    """Split a sweep stage's DVC matrix key "<model>-<eps>" into (model, eps).
-
-    DVC joins the matrix values with "-"; the eps part is the shortest canonical eps name at
-    the end, so model names may contain "-" themselves.
-
-    Raises:
-        ValueError: the key does not look like "<model>-<eps>" with a canonical eps name.
-    """
-    match = _KEY_RE.match(str(key))
-    if match is None:
-        raise ValueError(f"model_eps must look like '<model>-<eps>' (e.g. 'resnet-0.05'), "
-                         f"got {key!r}")
-    return match["model"], parse_eps(match["eps"])
-
-
 def sweep_dir(model_name: str, root: str | os.PathLike[str] = paths.RESULTS) -> Path:
     """Folder of one model's sweep files: ``<root>/<model>/sweep``."""
     return Path(root) / model_name / "sweep"
@@ -167,23 +145,6 @@ def eps_from_path(path: str | os.PathLike[str]) -> float:
     if not (name.startswith(_FILE_PREFIX) and name.endswith(_FILE_SUFFIX)):
         raise ValueError(f"sweep file names look like 'eps_0.05.json', got {name!r}")
     return parse_eps(name[len(_FILE_PREFIX):-len(_FILE_SUFFIX)])
-
-
-def parse_list(name: str, value: str | Sequence[str], allowed: Sequence[str]) -> list[str]:
-    """A comma-separated string (or a sequence) of choices -> list, each one checked.
-
-    Raises:
-        ValueError: empty, a duplicate, or an item not in ``allowed`` (naming ``name``).
-    """
-    items = [v.strip() for v in value.split(",")] if isinstance(value, str) else list(value)
-    items = [v for v in items if v]
-    if not items:
-        raise ValueError(f"{name} is empty; choose from {list(allowed)}")
-    for item in items:
-        check_choice(name, item, allowed)
-    if len(set(items)) != len(items):
-        raise ValueError(f"{name} lists an item more than once: {items}")
-    return items
 
 
 # --- running one sweep point --------------------------------------------------------------------
@@ -207,25 +168,22 @@ class SweepBudget:
     pgd_alpha_fraction: float = 0.4
 
     def __post_init__(self) -> None:
-        for name in ("square_iterations", "pgd_iterations"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        for name, high in (("square_p_init", 1.0), ("pgd_alpha_fraction", 2.0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) \
-                    or not 0.0 < float(value) <= high:
-                raise ValueError(f"{name} must be a number in (0, {high}], got {value!r}")
+        check_int("square_iterations", self.square_iterations, minimum=1)
+        check_int("pgd_iterations", self.pgd_iterations, minimum=1)
+        check_number("square_p_init", self.square_p_init, low=0.0, high=1.0, low_open=True)
+        check_number("pgd_alpha_fraction", self.pgd_alpha_fraction, low=0.0, high=2.0,
+                     low_open=True)
 
-    def attack_arguments(self, setting: str, eps: float) -> dict[str, Any]:
-        """Keyword arguments of :func:`calib.attacks.run_attack` for ``setting`` at ``eps``."""
-        check_choice("settings", setting, SWEEP_SETTINGS)
-        method, norm = setting.split("-")
-        if method == "pgd":
-            return {"method": method, "norm": norm, "eps": eps,
-                    "iterations": self.pgd_iterations, "alpha": self.pgd_alpha_fraction * eps}
-        return {"method": method, "norm": norm, "eps": eps,
-                "iterations": self.square_iterations, "p_init": self.square_p_init}
+    def grid(self, eps: float, *, settings: str | Sequence[str] = SWEEP_SETTINGS,
+             kinds: str | Sequence[str] = KINDS) -> AttackGrid:
+        """The attack grid of one sweep point: every setting at L-inf radius ``eps``."""
+        eps = check_eps(eps, "linf")
+        return AttackGrid(settings=tuple(parse_names("settings", settings, SWEEP_SETTINGS)),
+                          kinds=kinds, eps_linf=eps,
+                          square_iterations=self.square_iterations,
+                          square_p_init=self.square_p_init,
+                          pgd_iterations=self.pgd_iterations,
+                          pgd_alpha=self.pgd_alpha_fraction * eps)
 
 
 def run_sweep_point(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
@@ -252,20 +210,10 @@ def run_sweep_point(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
     Raises:
         ValueError: bad eps, settings or kinds (naming the argument), before any attack runs.
     """
-    eps = check_eps(eps, "linf")
-    setting_list = parse_list("settings", settings, SWEEP_SETTINGS)
-    kind_list = parse_list("kinds", kinds, KINDS)
-    check_images(images)
-    check_labels(labels, images.shape[0])
     budget = budget if budget is not None else SweepBudget()
-    rows = []
-    for setting in setting_list:
-        arguments = budget.attack_arguments(setting, eps)
-        for kind in kind_list:
-            result = run_attack(model, images, kind=kind, labels=labels, seed=seed,
-                                show_progress=show_progress, **arguments)
-            rows.append({"setting": setting, **result.summary(labels)})
-    return rows
+    grid = budget.grid(eps, settings=settings, kinds=kinds)
+    return run_grid(model, images, labels, grid, seed=seed,
+                    show_progress=show_progress).summaries()
 
 
 def sweep_record(model_name: str, eps: float, rows: Sequence[Mapping[str, Any]], *,
@@ -410,7 +358,7 @@ def query_table(curves: pd.DataFrame, setting: str, metric: str = "ece") -> pd.D
     """Wide table of one metric against the query budget for one setting (for ``dvc plots``).
 
     Args:
-        curves: long curve table (:func:`curve_frame`, or the attack stage's
+        curves: long curve table (:meth:`calib.attacks.grid.GridRun.curves`, or the attack stage's
             ``attack_curves.csv``) of one model: columns setting, kind, queries and the
             metric.
         setting: e.g. "square-linf".
@@ -436,32 +384,6 @@ def _one_setting(df: pd.DataFrame, setting: str) -> pd.DataFrame:
     available = list(dict.fromkeys(df["setting"]))
     check_choice("setting", setting, available)
     return df[df["setting"] == setting]
-
-
-def curve_frame(results: Mapping[tuple[str, str], AttackResult], labels: torch.Tensor | None,
-                *, model_name: str, points: int | None = 60) -> pd.DataFrame:
-    """Metrics against the query budget from the runs' histories (no re-running).
-
-    Args:
-        results: (setting, kind) -> the run.
-        labels: (N,) true labels (None: those given to the attacks).
-        model_name: written in the ``model`` column.
-        points: budgets kept per run (about evenly spaced; None: every iteration). The first
-            (budget 1 = clean) and the last (the run's full budget) are always kept.
-
-    Returns:
-        Long table with columns model, setting, kind, queries, queries_mean, confidence,
-        success_rate, ece, ks (the format of the attack stage's ``attack_curves.csv``). The last
-        row of each run equals its :meth:`~calib.attacks.AttackResult.summary` after-values.
-    """
-    if not results:
-        raise ValueError("results is empty")
-    frames = []
-    for (setting, kind), result in results.items():
-        curve = result.curve(labels, points=points)
-        frames.append(pd.DataFrame({"model": model_name, "setting": setting, "kind": kind,
-                                    **curve}))
-    return pd.concat(frames, ignore_index=True)
 
 
 def cross_check(tidy: pd.DataFrame, curves: pd.DataFrame, eps: float, *,
@@ -510,7 +432,7 @@ def saturation_queries(curves: pd.DataFrame, setting: str, *, metric: str = "ece
     (1 when the run changed nothing). It reads "how early does the damage saturate".
 
     Args:
-        curves: long curve table of one model (:func:`curve_frame` format).
+        curves: long curve table of one model (:meth:`calib.attacks.grid.GridRun.curves` format).
         setting: e.g. "square-linf".
         metric: a curve column (e.g. "ece", "ks", "confidence").
         fraction: in (0, 1].
@@ -661,61 +583,6 @@ def sweep_figure(tidy: pd.DataFrame, curves: pd.DataFrame | None, *,
 
 
 # --- configuration ------------------------------------------------------------------------------
-
-def check_sweep_params(params: Mapping[str, Any]) -> None:
-    """Validate the ``sweep`` section of params.yaml (for :mod:`calib.config`).
-
-    Keys: ``models`` (a non-empty list of names under ``models``), ``eps`` (a non-empty list of
-    distinct floats in (0, 1], written as floats so DVC's file names are canonical),
-    ``settings`` (from :data:`SWEEP_SETTINGS`), ``kinds``, ``n_images`` (1..data.attack_size),
-    ``square_iterations``, ``pgd_iterations`` (>= 1) and ``pgd_alpha_fraction`` in (0, 2].
-
-    Raises:
-        calib.config.ConfigError: naming the key (``sweep.<key>``) and what is allowed.
-    """
-    from calib.config import ConfigError
-
-    sweep = params.get("sweep")
-    if not isinstance(sweep, Mapping):
-        raise ConfigError("sweep must be a mapping (models, eps, settings, kinds, n_images, ...)")
-
-    def get(key: str) -> Any:
-        if key not in sweep:
-            raise ConfigError(f"missing parameter sweep.{key}")
-        return sweep[key]
-
-    known = list(params.get("models", {}))
-    names = get("models")
-    if not isinstance(names, list) or not names:
-        raise ConfigError(f"sweep.models must be a non-empty list; choose from {known}")
-    for name in names:
-        if name not in known:
-            raise ConfigError(f"sweep.models item {name!r} is not allowed; choose one of {known}")
-    grid = get("eps")
-    if not isinstance(grid, list) or not grid:
-        raise ConfigError("sweep.eps must be a non-empty list of floats in (0, 1], e.g. "
-                          "[0.02, 0.05, 0.1, 0.2]")
-    for value in grid:
-        if not isinstance(value, float) or not 0.0 < value <= 1.0 or not math.isfinite(value):
-            raise ConfigError(f"sweep.eps item {value!r} must be a float in (0, 1] (write 1.0, "
-                              f"not 1: the file names use the float's repr)")
-    if len({format_eps(v) for v in grid}) != len(grid):
-        raise ConfigError(f"sweep.eps lists a value more than once: {grid}")
-    try:
-        parse_list("sweep.settings", str(get("settings")), SWEEP_SETTINGS)
-        parse_list("sweep.kinds", str(get("kinds")), KINDS)
-        SweepBudget(square_iterations=get("square_iterations"),
-                    pgd_iterations=get("pgd_iterations"),
-                    pgd_alpha_fraction=get("pgd_alpha_fraction"))
-    except ValueError as err:
-        raise ConfigError(f"sweep: {err}") from None
-    n_images = get("n_images")
-    attack_size = params.get("data", {}).get("attack_size")
-    if isinstance(n_images, bool) or not isinstance(n_images, int) or n_images < 1 \
-            or (isinstance(attack_size, int) and n_images > attack_size):
-        raise ConfigError(f"sweep.n_images must be an integer in [1, data.attack_size = "
-                          f"{attack_size}], got {n_images!r}")
-
 
 def budget_config(budget: SweepBudget, *, settings: Iterable[str], kinds: Iterable[str],
                   n_images: int, seed: int) -> dict[str, Any]:

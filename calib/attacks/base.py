@@ -35,11 +35,13 @@ from calib.checks import (
     check_deterministic,
     check_eps,
     check_images,
+    check_int,
     check_labels,
     check_logits,
-    eval_mode,
+    check_number,
     perturbation_norms,
 )
+from calib.runtime import eval_mode
 
 KINDS: tuple[str, ...] = ("uca", "oca", "mma", "rca")
 METHODS: tuple[str, ...] = ("square", "pgd")
@@ -70,12 +72,9 @@ class Thresholds:
     rca_tolerance: float = 0.05
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.uca_margin < 1.0:
-            raise ValueError(f"uca_margin must be in [0, 1), got {self.uca_margin}")
-        if not 0.0 < self.oca_confidence <= 1.0:
-            raise ValueError(f"oca_confidence must be in (0, 1], got {self.oca_confidence}")
-        if not 0.0 <= self.rca_tolerance < 1.0:
-            raise ValueError(f"rca_tolerance must be in [0, 1), got {self.rca_tolerance}")
+        check_number("uca_margin", self.uca_margin, low=0, high=1, high_open=True)
+        check_number("oca_confidence", self.oca_confidence, low=0, high=1, low_open=True)
+        check_number("rca_tolerance", self.rca_tolerance, low=0, high=1, high_open=True)
 
 
 @dataclass(frozen=True)
@@ -433,11 +432,9 @@ def check_common(model: object, images: object, *, kind: object, norm: object, e
     check_choice("norm", norm, norms)
     images = check_images(images)
     eps = check_eps(eps, str(norm))
-    for name, value, low in (("iterations", iterations, 0), ("batch_size", batch_size, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an integer, got {seed!r}")
+    check_int("iterations", iterations, minimum=0)
+    check_int("batch_size", batch_size, minimum=1)
+    check_int("seed", seed)
     if kind == "mma" and labels is None:
         raise ValueError("kind='mma' needs the true labels (labels=...): it runs UCA on "
                          "correctly classified samples and OCA on the others")
@@ -448,10 +445,7 @@ def check_common(model: object, images: object, *, kind: object, norm: object, e
 
 def check_min_margin(min_margin: object) -> float:
     """Validate the label-keeping margin: a number in [0, 1)."""
-    if isinstance(min_margin, bool) or not isinstance(min_margin, int | float) \
-            or not 0.0 <= float(min_margin) < 1.0:
-        raise ValueError(f"min_margin must be a number in [0, 1), got {min_margin!r}")
-    return float(min_margin)
+    return check_number("min_margin", min_margin, low=0, high=1, high_open=True)
 
 
 def execute(model: nn.Module, images: torch.Tensor, *, attack_chunk: ChunkAttack, kind: str,

@@ -1,4 +1,4 @@
-"""White-box calibration attacks: projected gradient descent on the confidence.
+"""White-box attacks: projected gradient descent on the confidence, and ordinary L-inf PGD.
 
 PGD: Madry et al., "Towards Deep Learning Models Resistant to Adversarial Attacks", ICLR 2018
 (arXiv:1706.06083), adapted to calibration attacks as in Obadinma et al. (arXiv:2401.02718),
@@ -16,10 +16,15 @@ step (down to ``alpha / 2**backtrack_steps``). This is a backtracking line searc
 iterations: a UCA step that jumps over the decision boundary is retried shorter instead of
 stalling the sample. (UCA at eps = 0.05 on a Fashion-MNIST ResNet-18, 100 images, 100
 steps without sparsification: 12% success without backtracking, 83% with it.)
+
+:func:`pgd_linf` is the ordinary (misclassification) L-inf PGD of Madry et al.: PGD adversarial
+training (:class:`calib.defences.training.PGDATStep`) trains on it and the detection analysis
+(:mod:`calib.attacks.ordinary`) compares the calibration attacks with it.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -36,6 +41,8 @@ from calib.attacks.base import (
     check_min_margin,
     execute,
 )
+from calib.checks import check_bool, check_eps, check_int, check_number
+from calib.runtime import eval_mode
 
 #: Default number of gradient steps.
 DEFAULT_ITERATIONS: int = 100
@@ -75,10 +82,61 @@ def project(x_clean: torch.Tensor, x: torch.Tensor, *, eps: float, norm: str) ->
     return (x_clean + delta).clamp(0, 1)
 
 
-def _step_direction(grad: torch.Tensor, norm: str) -> torch.Tensor:
+def step_direction(grad: torch.Tensor, norm: str) -> torch.Tensor:
+    """The steepest-ascent direction of a PGD step for gradients ``grad`` (B, C, H, W).
+
+    L-inf: ``sign(grad)`` (Madry et al. 2018); L2: ``grad / ||grad||_2`` per sample.
+    """
     if norm == "linf":
         return grad.sign()
     return grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+
+
+def pgd_linf(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, eps: float,
+             alpha: float, steps: int, random_start: bool = True,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+    """Ordinary L-inf PGD (Madry et al. 2018, arXiv:1706.06083): maximise CE on ``labels``.
+
+    Unlike the calibration attacks there is no label-preservation rule: this is the
+    misclassification attack that PGD adversarial training trains on (with the true labels)
+    and that the detection analysis runs on the clean predictions. Every step is
+    ``x <- clip(x + alpha * sign(grad_x CE(f(x), labels)))``, and all steps run (no early
+    stop). The model is run in eval mode (its modes are restored afterwards) and its
+    parameters get no gradients.
+
+    Args:
+        model: images in [0, 1] (N, C, H, W) -> logits (N, K).
+        images: (N, C, H, W) clean images in [0, 1].
+        labels: (N,) the classes whose cross-entropy is ascended.
+        eps: L-inf radius on the [0, 1] scale.
+        alpha: step size.
+        steps: number of signed-gradient ascent steps.
+        random_start: start from a uniform point of the eps-ball.
+        generator: CPU generator for the random start (seeded by the caller).
+
+    Returns:
+        (N, C, H, W) adversarial images, detached, inside the eps-ball and [0, 1].
+    """
+    check_eps(eps, "linf")
+    check_number("alpha", alpha, low=0, low_open=True)
+    check_int("steps", steps, minimum=0)
+    x0 = images.detach()
+    x = x0.clone()
+    if check_bool("random_start", random_start):
+        noise = torch.rand(x0.shape, generator=generator, dtype=x0.dtype)
+        x = (x0 + (2 * noise.to(x0.device) - 1) * eps).clamp(0, 1)
+    with eval_mode(model), torch.enable_grad():
+        for _ in range(steps):
+            x.requires_grad_(True)
+            loss = F.cross_entropy(model(x), labels)
+            (grad,) = torch.autograd.grad(loss, x)
+            with torch.no_grad():
+                x = x + alpha * step_direction(grad, "linf")
+                # Clipped to the box [x0 - eps, x0 + eps] directly rather than through
+                # project's x0 + clamp(x - x0): the two round differently, and PGD-AT
+                # models and the detection results are computed with this one.
+                x = torch.minimum(torch.maximum(x, x0 - eps), x0 + eps).clamp(0, 1)
+    return x.detach()
 
 
 def _chunk_loop(model: nn.Module, *, norm: str, eps: float, iterations: int, alpha: float,
@@ -99,7 +157,7 @@ def _chunk_loop(model: nn.Module, *, norm: str, eps: float, iterations: int, alp
             # Ascending CE(., k) lowers p_k: UCA, and RCA samples above their target.
             lower = (mode == MODE_UCA) | (
                 (mode == MODE_RCA) & (state.confidence[idx] > state.target[idx]))
-            direction = _step_direction(grad_best.index_select(0, idx), norm)
+            direction = step_direction(grad_best.index_select(0, idx), norm)
             if sparsify:
                 drop = torch.where(lower, drop_uca, drop_oca).to(x.dtype).view(-1, 1, 1, 1)
                 keep = torch.rand(direction.shape, generator=generator, device=x.device,
@@ -189,28 +247,23 @@ def pgd_attack(
     images, eps = check_common(model, images, kind=kind, norm=norm, eps=eps,
                                iterations=iterations, labels=labels, seed=seed,
                                batch_size=batch_size)
-    alpha = eps * ALPHA_PER_EPS if alpha is None else alpha
-    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not alpha > 0 \
-            or alpha == float("inf"):
-        raise ValueError(f"alpha must be a positive finite number, got {alpha!r}")
-    for name, value in (("drop_uca", drop_uca), ("drop_oca", drop_oca)):
-        if isinstance(value, bool) or not isinstance(value, int | float) \
-                or not 0.0 <= value < 1.0:
-            raise ValueError(f"{name} must be in [0, 1), got {value!r}")
-    if isinstance(backtrack_steps, bool) or not isinstance(backtrack_steps, int) \
-            or backtrack_steps < 0:
-        raise ValueError(f"backtrack_steps must be an integer >= 0, got {backtrack_steps!r}")
+    alpha = check_number("alpha", eps * ALPHA_PER_EPS if alpha is None else alpha, low=0,
+                         high=math.inf, low_open=True, high_open=True)
+    check_bool("sparsify", sparsify)
+    drop_uca = check_number("drop_uca", drop_uca, low=0, high=1, high_open=True)
+    drop_oca = check_number("drop_oca", drop_oca, low=0, high=1, high_open=True)
+    check_int("backtrack_steps", backtrack_steps, minimum=0)
     thresholds = Thresholds(uca_margin=uca_margin, oca_confidence=oca_confidence,
                             rca_tolerance=rca_tolerance)
     min_margin = check_min_margin(min_margin)
-    options = {"alpha": float(alpha), "sparsify": bool(sparsify), "drop_uca": float(drop_uca),
-               "drop_oca": float(drop_oca), "backtrack_steps": backtrack_steps,
+    options = {"alpha": alpha, "sparsify": sparsify, "drop_uca": drop_uca,
+               "drop_oca": drop_oca, "backtrack_steps": backtrack_steps,
                "uca_margin": uca_margin, "oca_confidence": oca_confidence,
                "rca_tolerance": rca_tolerance, "min_margin": min_margin,
                "batch_size": batch_size}
-    loop = _chunk_loop(model, norm=norm, eps=eps, iterations=iterations, alpha=float(alpha),
-                       sparsify=bool(sparsify), drop_uca=float(drop_uca),
-                       drop_oca=float(drop_oca), backtrack_steps=backtrack_steps)
+    loop = _chunk_loop(model, norm=norm, eps=eps, iterations=iterations, alpha=alpha,
+                       sparsify=sparsify, drop_uca=drop_uca, drop_oca=drop_oca,
+                       backtrack_steps=backtrack_steps)
     return execute(model, images, attack_chunk=loop, kind=kind, method="pgd", norm=norm,
                    eps=eps, iterations=iterations, labels=labels, seed=seed,
                    thresholds=thresholds, min_margin=min_margin, batch_size=batch_size,

@@ -36,6 +36,7 @@ from calib.attacks.base import (
     check_min_margin,
     execute,
 )
+from calib.checks import check_bool, check_int, check_number
 
 #: Default iteration budget (queries per sample = iterations + 1).
 DEFAULT_ITERATIONS: int = 1000
@@ -164,14 +165,24 @@ def _random_signs(shape: tuple[int, ...], generator: torch.Generator, device: to
     return torch.randint(0, 2, shape, generator=generator, device=device).to(dtype) * 2 - 1
 
 
-def _propose_linf(x: torch.Tensor, idx: torch.Tensor, x_new: torch.Tensor, eps: float,
-                  side: int, generator: torch.Generator
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Write one random +-eps square per sample into ``x_new`` (A, C, H, W), in place.
+def propose_linf(x: torch.Tensor, idx: torch.Tensor, x_new: torch.Tensor, eps: float,
+                 side: int, generator: torch.Generator
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Square Attack's L-inf update: one random +-eps square per sample, written into
+    ``x_new`` in place.
 
-    ``x[idx]`` are the matching clean images (only their windows are read). Signs are per
-    channel; a sample whose new square would leave the image unchanged gets other signs
-    (the reference redraws them).
+    Andriushchenko et al. 2020 (arXiv:1912.00049), Alg. 2: inside a uniformly placed
+    ``side`` x ``side`` window every pixel of a channel is set to ``clean +- eps`` (one sign
+    per channel), clipped to [0, 1]. Signs are per channel; a sample whose new square would
+    leave the image unchanged gets other signs (the reference redraws them).
+
+    Args:
+        x: (N, C, H, W) contiguous clean images; only the windows of ``x[idx]`` are read.
+        idx: (A,) int64, the clean image of each row of ``x_new``.
+        x_new: (A, C, H, W) contiguous current best inputs of those samples; overwritten.
+        eps: L-inf radius.
+        side: window side (:func:`square_side`).
+        generator: the run's generator, on the images' device.
 
     Returns:
         The windows' offsets (A, C, s * s), their previous and their new content.
@@ -201,21 +212,44 @@ def _propose_linf(x: torch.Tensor, idx: torch.Tensor, x_new: torch.Tensor, eps: 
     return offsets, best_win, cand
 
 
-def _propose_stripes(x_clean: torch.Tensor, eps: float, generator: torch.Generator
-                     ) -> torch.Tensor:
-    """Square Attack's L-inf initialisation: vertical stripes of +-eps, per channel."""
+def propose_stripes(x_clean: torch.Tensor, eps: float, generator: torch.Generator
+                    ) -> torch.Tensor:
+    """Square Attack's L-inf initialisation: vertical stripes of +-eps, per channel.
+
+    Andriushchenko et al. 2020 (arXiv:1912.00049): every column of every channel of each
+    image is shifted by ``+eps`` or ``-eps`` at random, then clipped to [0, 1].
+
+    Args:
+        x_clean: (A, C, H, W) clean images.
+        eps: L-inf radius.
+        generator: the run's generator, on the images' device.
+
+    Returns:
+        (A, C, H, W) candidates.
+    """
     n, c, _, w = x_clean.shape
     signs = _random_signs((n, c, 1, w), generator, x_clean.device, x_clean.dtype)
     return (x_clean + eps * signs).clamp(0, 1)
 
 
-def _propose_l2(x_clean: torch.Tensor, x_best: torch.Tensor, eps: float, side: int,
-                pattern: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """One Square Attack L2 update per sample; returns candidates (A, C, H, W).
+def propose_l2(x_clean: torch.Tensor, x_best: torch.Tensor, eps: float, side: int,
+               pattern: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Square Attack's L2 update, one per sample (Andriushchenko et al. 2020, Alg. 3).
 
     Window 1 receives the (randomly transposed, per-channel signed) meta pattern plus its
     old content, rescaled so that the mass of window 2 moves into it; window 2 is zeroed;
     the whole perturbation is then rescaled to norm eps and the image clipped to [0, 1].
+
+    Args:
+        x_clean: (A, C, H, W) clean images.
+        x_best: (A, C, H, W) current best inputs of the same samples.
+        eps: L2 radius.
+        side: window side (:func:`square_side_l2`).
+        pattern: (side, side) :func:`meta_pseudo_gaussian` pattern.
+        generator: the run's generator, on the images' device.
+
+    Returns:
+        (A, C, H, W) candidates.
     """
     n, c, h, w = x_best.shape
     device, dtype = x_best.device, x_best.dtype
@@ -341,16 +375,16 @@ def _chunk_loop(model: nn.Module, *, norm: str, eps: float, iterations: int, p_i
                 if work is None:
                     work = state.x_best.index_select(0, idx)
                 x_new = work
-                offsets, old, new = _propose_linf(x, idx, x_new, eps,
-                                                  square_side(p, h, w), generator)
+                offsets, old, new = propose_linf(x, idx, x_new, eps,
+                                                 square_side(p, h, w), generator)
             elif norm == "linf":
-                x_new = _propose_stripes(x.index_select(0, idx), eps, generator)
+                x_new = propose_stripes(x.index_select(0, idx), eps, generator)
             else:
                 side = square_side_l2(p, h, w)
                 if side not in patterns:
                     patterns[side] = meta_pseudo_gaussian(side).to(x.device, x.dtype)
-                x_new = _propose_l2(x.index_select(0, idx), state.x_best.index_select(0, idx),
-                                    eps, side, patterns[side], generator)
+                x_new = propose_l2(x.index_select(0, idx), state.x_best.index_select(0, idx),
+                                   eps, side, patterns[side], generator)
             retried = backtrack.apply(idx, x_new, state.x_best) if backtrack else None
             accepted, scores = state.consider(idx, x_new, model(x_new),
                                               copy_inputs=not windowed)
@@ -432,23 +466,19 @@ def square_attack(
     if min(images.shape[2:]) < 2:
         raise ValueError(f"square attacks need images of at least 2x2 pixels, got "
                          f"{tuple(images.shape[2:])}")
-    if isinstance(p_init, bool) or not isinstance(p_init, int | float) \
-            or not 0.0 < p_init <= 1.0:
-        raise ValueError(f"p_init must be in (0, 1], got {p_init!r}")
-    if stripes_init and norm != "linf":
+    p_init = check_number("p_init", p_init, low=0, high=1, low_open=True)
+    if check_bool("stripes_init", stripes_init) and norm != "linf":
         raise ValueError("stripes_init applies to norm='linf' only")
-    if isinstance(backtrack_steps, bool) or not isinstance(backtrack_steps, int) \
-            or backtrack_steps < 0:
-        raise ValueError(f"backtrack_steps must be an integer >= 0, got {backtrack_steps!r}")
+    check_int("backtrack_steps", backtrack_steps, minimum=0)
     thresholds = Thresholds(uca_margin=uca_margin, oca_confidence=oca_confidence,
                             rca_tolerance=rca_tolerance)
     min_margin = check_min_margin(min_margin)
-    options = {"p_init": float(p_init), "stripes_init": bool(stripes_init),
+    options = {"p_init": p_init, "stripes_init": stripes_init,
                "backtrack_steps": backtrack_steps, "uca_margin": uca_margin,
                "oca_confidence": oca_confidence, "rca_tolerance": rca_tolerance,
                "min_margin": min_margin, "batch_size": batch_size}
-    loop = _chunk_loop(model, norm=norm, eps=eps, iterations=iterations, p_init=float(p_init),
-                       stripes_init=bool(stripes_init), backtrack_steps=backtrack_steps)
+    loop = _chunk_loop(model, norm=norm, eps=eps, iterations=iterations, p_init=p_init,
+                       stripes_init=stripes_init, backtrack_steps=backtrack_steps)
     return execute(model, images, attack_chunk=loop, kind=kind, method="square", norm=norm,
                    eps=eps, iterations=iterations, labels=labels, seed=seed,
                    thresholds=thresholds, min_margin=min_margin, batch_size=batch_size,

@@ -28,7 +28,6 @@ from calib.defences.training import (
     PGDATStep,
     SAMStep,
     make_train_step,
-    pgd_linf,
 )
 
 __all__ = [
@@ -51,5 +50,4 @@ __all__ = [
     "logit_features",
     "make_recalibrator",
     "make_train_step",
-    "pgd_linf",
 ]

@@ -26,7 +26,7 @@ Two steps, each one call from the defence stage's notebook:
 
 Example:
     >>> defended = build_defence("cs", model)
-    >>> ev = evaluate_defence(defended, images, labels, budget=AttackBudget(), model_name="resnet")
+    >>> ev = evaluate_defence(defended, images, labels, grid=AttackGrid(), model_name="resnet")
     >>> ev.summaries[0]["ece_after"]
 """
 
@@ -43,18 +43,18 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from calib.attacks import KINDS, AttackResult, run_attack
-from calib.checks import check_choice
+from calib.attacks import run_attack
+from calib.attacks.grid import AttackGrid, GridRun, run_grid
+from calib.checks import check_choice, check_int, check_number
 from calib.defences.posthoc import POSTHOC, CalibratedModel, Recalibrator, make_recalibrator
 from calib.defences.training import make_train_step
-from calib.train import fit, predict_logits
+from calib.runtime import predict_logits
+from calib.train import fit
 
 __all__ = [
     "DEFENCES",
     "POSTHOC_DEFENCES",
-    "SETTINGS",
     "TRAINING_TIME_DEFENCES",
-    "AttackBudget",
     "DefenceEvaluation",
     "DefendedModel",
     "FineTune",
@@ -64,7 +64,6 @@ __all__ = [
     "defence_family",
     "evaluate_defence",
     "findings",
-    "split_matrix_key",
 ]
 
 #: The undefended reference.
@@ -87,9 +86,6 @@ TRAINING_TIME_DEFENCES: tuple[str, ...] = tuple(_TRAIN_STEPS)
 #: Every defence name, in the order of the tables and figures.
 DEFENCES: tuple[str, ...] = (NO_DEFENCE, *POSTHOC_DEFENCES, *TRAINING_TIME_DEFENCES)
 
-#: Attack settings "method-norm" a defence can be evaluated under.
-SETTINGS: tuple[str, ...] = ("square-linf", "square-l2", "pgd-linf")
-
 #: Training steps whose adversarial examples are drawn from a seeded generator.
 _SEEDED_STEPS = ("pgd_at", "caat")
 
@@ -100,19 +96,6 @@ def defence_family(name: str) -> str:
     if name == NO_DEFENCE:
         return "none"
     return "posthoc" if name in POSTHOC_DEFENCES else "training"
-
-
-def split_matrix_key(key: str) -> tuple[str, str]:
-    """Split a defence stage's DVC matrix key "<model>-<defence>" into (model, defence).
-
-    DVC joins the matrix values with "-"; defence names never contain one, so the split is at
-    the last "-" and model names may contain "-" themselves.
-    """
-    model, sep, defence = str(key).rpartition("-")
-    if not sep or not model:
-        raise ValueError(f"matrix key must look like '<model>-<defence>', got {key!r}")
-    check_choice("defence", defence, DEFENCES)
-    return model, defence
 
 
 def check_options(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
@@ -154,14 +137,10 @@ class FineTune:
     weight_decay: float = 5e-4
 
     def __post_init__(self) -> None:
-        for key in ("epochs", "batch_size"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be positive, got {self.lr!r}")
-        if not self.weight_decay >= 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        check_int("epochs", self.epochs, minimum=1)
+        check_int("batch_size", self.batch_size, minimum=1)
+        check_number("lr", self.lr, low=0.0, low_open=True)
+        check_number("weight_decay", self.weight_decay, low=0.0)
 
 
 @dataclass
@@ -331,54 +310,6 @@ def build_defence(
 # Evaluating a defended model under attack
 # ---------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class AttackBudget:
-    """Which attacks a defence faces, and with what budget.
-
-    Attributes:
-        settings: "method-norm" pairs from :data:`SETTINGS`.
-        kinds: attack kinds from :data:`calib.attacks.KINDS`.
-        eps_linf, eps_l2: radii of the L-inf and L2 balls ([0, 1] pixel scale).
-        square_iterations: queries per image of the black-box attack.
-        square_p_init: initial fraction of pixels a Square Attack window covers.
-        pgd_iterations: gradient steps of the white-box attack.
-        pgd_alpha: PGD step size (None: the attack's default for its eps).
-    """
-
-    settings: tuple[str, ...] = ("square-linf", "pgd-linf")
-    kinds: tuple[str, ...] = KINDS
-    eps_linf: float = 0.1
-    eps_l2: float = 1.0
-    square_iterations: int = 100
-    square_p_init: float = 0.05
-    pgd_iterations: int = 20
-    pgd_alpha: float | None = None
-
-    def __post_init__(self) -> None:
-        for key, allowed in (("settings", SETTINGS), ("kinds", KINDS)):
-            values = getattr(self, key)
-            if isinstance(values, str) or not values:
-                raise ValueError(f"{key} must be a non-empty sequence of {list(allowed)}")
-            for value in values:
-                check_choice(f"{key} item", value, allowed)
-        for key in ("square_iterations", "pgd_iterations"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
-        p_init = self.square_p_init
-        if isinstance(p_init, bool) or not isinstance(p_init, int | float) \
-                or not 0.0 < p_init <= 1.0:
-            raise ValueError(f"square_p_init must be in (0, 1], got {self.square_p_init!r}")
-
-    @classmethod
-    def from_strings(cls, settings: str, kinds: str, **budget: Any) -> AttackBudget:
-        """Build from comma-separated ``settings`` and ``kinds`` (as params.yaml holds them)."""
-        def split(text: str) -> tuple[str, ...]:
-            return tuple(v.strip() for v in str(text).split(",") if v.strip())
-
-        return cls(settings=split(settings), kinds=split(kinds), **budget)
-
-
 @dataclass
 class DefenceEvaluation:
     """Outcome of :func:`evaluate_defence`.
@@ -387,42 +318,22 @@ class DefenceEvaluation:
         summaries: one flat dict per (setting, kind): :meth:`AttackResult.summary` plus
             ``model``, ``defence``, ``family``, ``setting`` and ``white_box`` (how PGD got
             its gradients; None for black-box settings).
-        results: (setting, kind) -> the :class:`AttackResult`.
-        seconds: wall time of all attacks.
+        run: the grid's outcome (per-sample records: :meth:`GridRun.records`).
     """
 
     summaries: list[dict[str, Any]]
-    results: dict[tuple[str, str], AttackResult]
-    seconds: float
+    run: GridRun
 
-    def records(self, index: torch.Tensor | None = None) -> pd.DataFrame:
-        """Per-sample outcomes of every attack as one long table.
-
-        Args:
-            index: (N,) identifiers of the images (e.g. their test-set indices); default
-                0..N-1.
-        """
-        frames = []
-        for (setting, kind), r in self.results.items():
-            n = r.queries.shape[0]
-            ids = torch.arange(n) if index is None else torch.as_tensor(index).reshape(-1)
-            frames.append(pd.DataFrame({
-                "setting": setting, "kind": kind, "index": ids.numpy(),
-                "label": (r.labels if r.labels is not None
-                          else torch.full((n,), -1)).numpy(),
-                "prediction": r.clean_prediction.numpy(),
-                "confidence_before": r.clean_confidence.double().numpy(),
-                "confidence_after": r.final_confidence.double().numpy(),
-                "success": r.success.numpy(), "queries": r.queries.numpy(),
-                "linf": r.linf_norm().numpy(), "l2": r.l2_norm().numpy(),
-            }))
-        return pd.concat(frames, ignore_index=True)
+    @property
+    def seconds(self) -> float:
+        """Wall time of all attacks."""
+        return self.run.seconds
 
 
 def evaluate_defence(defended: DefendedModel, images: torch.Tensor, labels: torch.Tensor, *,
-                     budget: AttackBudget, model_name: str, seed: int = 0,
+                     grid: AttackGrid, model_name: str, seed: int = 0,
                      batch_size: int = 256, show_progress: bool = False) -> DefenceEvaluation:
-    """Attack a defended model with every kind in every setting of ``budget``.
+    """Attack a defended model with every kind in every setting of ``grid``.
 
     Black-box settings query the defended model's scores; white-box PGD differentiates
     through it (see :attr:`DefendedModel.white_box`). Every run uses the same ``seed``, so
@@ -432,35 +343,18 @@ def evaluate_defence(defended: DefendedModel, images: torch.Tensor, labels: torc
         defended: from :func:`build_defence`.
         images: (N, C, H, W) clean images in [0, 1] on the model's device.
         labels: (N,) true labels (MMA needs them; the summaries use them for ECE and KS).
-        budget: the settings, kinds and budgets.
+        grid: the settings, kinds, radii and budgets (:class:`calib.attacks.grid.AttackGrid`).
         model_name: recorded in every summary.
         seed: seed of every attack.
         batch_size: images per attack chunk.
         show_progress: progress bars per attack.
     """
-    start = time.perf_counter()
-    summaries: list[dict[str, Any]] = []
-    results: dict[tuple[str, str], AttackResult] = {}
-    for setting in budget.settings:
-        method, norm = setting.split("-")
-        eps = budget.eps_linf if norm == "linf" else budget.eps_l2
-        if method == "pgd":
-            options: dict[str, Any] = ({} if budget.pgd_alpha is None
-                                       else {"alpha": budget.pgd_alpha})
-            iterations = budget.pgd_iterations
-        else:
-            options, iterations = {"p_init": budget.square_p_init}, budget.square_iterations
-        for kind in budget.kinds:
-            result = run_attack(defended.model, images, kind=kind, method=method, norm=norm,
-                                eps=eps, iterations=iterations, labels=labels, seed=seed,
-                                batch_size=batch_size, show_progress=show_progress, **options)
-            results[setting, kind] = result
-            summaries.append({
-                "model": model_name, "defence": defended.name, "family": defended.family,
-                "setting": setting,
-                "white_box": defended.white_box if method == "pgd" else None,
-                **result.summary(labels)})
-    return DefenceEvaluation(summaries, results, time.perf_counter() - start)
+    run = run_grid(defended.model, images, labels, grid, seed=seed, batch_size=batch_size,
+                   show_progress=show_progress)
+    summaries = [{"defence": defended.name, "family": defended.family,
+                  "white_box": defended.white_box if s["method"] == "pgd" else None, **s}
+                 for s in run.summaries(model=model_name)]
+    return DefenceEvaluation(summaries, run)
 
 
 # ---------------------------------------------------------------------------------------------

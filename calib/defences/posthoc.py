@@ -31,6 +31,8 @@ import torch.nn.functional as F
 from scipy.optimize import minimize_scalar
 from torch import nn
 
+from calib.checks import check_bool, check_int, check_number
+
 __all__ = [
     "AAA",
     "MDTS",
@@ -287,8 +289,7 @@ class SplineCalibration(Recalibrator):
     name = "spline"
 
     def __init__(self, *, n_knots: int = 6) -> None:
-        if not isinstance(n_knots, int) or n_knots < 3:
-            raise ValueError(f"n_knots must be an integer >= 3, got {n_knots!r}")
+        check_int("n_knots", n_knots, minimum=3)
         self.n_knots = n_knots
         self.knots = torch.linspace(0.0, 1.0, n_knots, dtype=torch.float64)
         self.coefficients: torch.Tensor | None = None
@@ -376,11 +377,8 @@ class CompressionScaling(Recalibrator):
     name = "cs"
 
     def __init__(self, *, iterations: int = 60, max_inverse_temperature: float = 1e6) -> None:
-        if not isinstance(iterations, int) or iterations < 1:
-            raise ValueError(f"iterations must be a positive integer, got {iterations!r}")
-        if not max_inverse_temperature > 1:
-            raise ValueError(
-                f"max_inverse_temperature must be > 1, got {max_inverse_temperature!r}")
+        check_int("iterations", iterations, minimum=1)
+        check_number("max_inverse_temperature", max_inverse_temperature, low=1, low_open=True)
         self.iterations = iterations
         self.max_inverse_temperature = float(max_inverse_temperature)
 
@@ -446,16 +444,12 @@ class AAA(Recalibrator):
 
     def __init__(self, *, tau: float = 4.0, lr: float = 0.1, steps: int = 100,
                  calib_weight: float = 5.0, bpda: bool = False) -> None:
-        if not tau > 0:
-            raise ValueError(f"tau must be positive, got {tau!r}")
-        if not lr > 0:
-            raise ValueError(f"lr must be positive, got {lr!r}")
-        if not isinstance(steps, int) or steps < 0:
-            raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
-        if not calib_weight >= 0:
-            raise ValueError(f"calib_weight must be >= 0, got {calib_weight!r}")
+        check_number("tau", tau, low=0, low_open=True)
+        check_number("lr", lr, low=0, low_open=True)
+        check_int("steps", steps, minimum=0)
+        check_number("calib_weight", calib_weight, low=0)
         self.tau, self.lr, self.steps = float(tau), float(lr), steps
-        self.calib_weight, self.bpda = float(calib_weight), bool(bpda)
+        self.calib_weight, self.bpda = float(calib_weight), check_bool("bpda", bpda)
 
     def target_margin(self, margin: torch.Tensor) -> torch.Tensor:
         """The reflected margin t = 2a - m for logit margins m (N,)."""
@@ -537,8 +531,7 @@ class MDTS(Recalibrator):
 
     def __init__(self, *, ridge: float = 1e-2,
                  log_t_bounds: tuple[float, float] = (-5.0, 5.0)) -> None:
-        if not ridge >= 0:
-            raise ValueError(f"ridge must be >= 0, got {ridge!r}")
+        check_number("ridge", ridge, low=0)
         self.ridge = float(ridge)
         self.log_t_bounds = log_t_bounds
         self.domain_temperatures: dict[str, float] = {}

@@ -24,7 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from calib.checks import eval_mode
+from calib.attacks import method_options, run_attack
+from calib.attacks.pgd import pgd_linf
+from calib.checks import check_bool, check_eps, check_int, check_number
 
 if TYPE_CHECKING:
     from calib.train import TrainStep
@@ -37,7 +39,6 @@ __all__ = [
     "PGDATStep",
     "SAMStep",
     "make_train_step",
-    "pgd_linf",
 ]
 
 #: Names accepted by :func:`make_train_step`.
@@ -62,8 +63,7 @@ class CrossEntropyStep:
     smoothing: float = 0.0
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.smoothing < 1.0:
-            raise ValueError(f"smoothing must be in [0, 1), got {self.smoothing!r}")
+        check_number("smoothing", self.smoothing, low=0, high=1, high_open=True)
 
     def __call__(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                  optimizer: torch.optim.Optimizer) -> float:
@@ -90,8 +90,7 @@ class DCAStep:
     beta: float = 10.0
 
     def __post_init__(self) -> None:
-        if not self.beta >= 0:
-            raise ValueError(f"beta must be >= 0, got {self.beta!r}")
+        check_number("beta", self.beta, low=0)
 
     def __call__(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                  optimizer: torch.optim.Optimizer) -> float:
@@ -117,8 +116,7 @@ class SAMStep:
     rho: float = 0.05
 
     def __post_init__(self) -> None:
-        if not self.rho > 0:
-            raise ValueError(f"rho must be positive, got {self.rho!r}")
+        check_number("rho", self.rho, low=0, low_open=True)
 
     def __call__(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                  optimizer: torch.optim.Optimizer) -> float:
@@ -146,54 +144,6 @@ class SAMStep:
         return float(loss.detach())
 
 
-def _check_pgd(eps: float, alpha: float, steps: int) -> None:
-    if not 0 < eps <= 1:
-        raise ValueError(f"eps must be in (0, 1] (images in [0, 1]), got {eps!r}")
-    if not alpha > 0:
-        raise ValueError(f"alpha must be positive, got {alpha!r}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
-
-
-def pgd_linf(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, eps: float,
-             alpha: float, steps: int, random_start: bool = True,
-             generator: torch.Generator | None = None) -> torch.Tensor:
-    """Ordinary L-inf PGD (Madry et al. 2018): maximise CE on the TRUE labels.
-
-    Unlike the calibration attacks there is no label-preservation rule: this is the
-    misclassification attack that PGD adversarial training trains on. The model is run in
-    eval mode (its modes are restored afterwards) and its parameters get no gradients.
-
-    Args:
-        model: images in [0, 1] (N, C, H, W) -> logits (N, K).
-        images: (N, C, H, W) clean images in [0, 1].
-        labels: (N,) true labels.
-        eps: L-inf radius on the [0, 1] scale.
-        alpha: step size.
-        steps: number of signed-gradient ascent steps.
-        random_start: start from a uniform point of the eps-ball.
-        generator: CPU generator for the random start (seeded by the caller).
-
-    Returns:
-        (N, C, H, W) adversarial images, detached, inside the eps-ball and [0, 1].
-    """
-    _check_pgd(eps, alpha, steps)
-    x0 = images.detach()
-    x = x0.clone()
-    if random_start:
-        noise = torch.rand(x0.shape, generator=generator, dtype=x0.dtype)
-        x = (x0 + (2 * noise.to(x0.device) - 1) * eps).clamp(0, 1)
-    with eval_mode(model), torch.enable_grad():
-        for _ in range(steps):
-            x.requires_grad_(True)
-            loss = F.cross_entropy(model(x), labels)
-            (grad,) = torch.autograd.grad(loss, x)
-            with torch.no_grad():
-                x = x + alpha * grad.sign()
-                x = torch.minimum(torch.maximum(x, x0 - eps), x0 + eps).clamp(0, 1)
-    return x.detach()
-
-
 @dataclass
 class PGDATStep:
     """PGD adversarial training (Madry et al. 2018): CE on L-inf PGD examples of the batch.
@@ -206,7 +156,8 @@ class PGDATStep:
     PGD-10 recipe).
 
     Attributes:
-        eps, alpha, steps, random_start: the PGD settings (see :func:`pgd_linf`).
+        eps, alpha, steps, random_start: the PGD settings (see
+            :func:`calib.attacks.pgd.pgd_linf`).
         seed: seed of the generator that draws the random starts.
     """
 
@@ -218,7 +169,11 @@ class PGDATStep:
     generator: torch.Generator = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        _check_pgd(self.eps, self.alpha, self.steps)
+        check_eps(self.eps, "linf")
+        check_number("alpha", self.alpha, low=0, low_open=True)
+        check_int("steps", self.steps, minimum=0)
+        check_bool("random_start", self.random_start)
+        check_int("seed", self.seed)
         self.generator = torch.Generator().manual_seed(self.seed)
 
     def __call__(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
@@ -257,15 +212,10 @@ class CAATStep:
     batches_seen: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
-        if not 0 < self.eps <= 1:
-            raise ValueError(f"eps must be in (0, 1], got {self.eps!r}")
-        if not self.alpha > 0:
-            raise ValueError(f"alpha must be positive, got {self.alpha!r}")
-        if not isinstance(self.iterations, int) or self.iterations < 1:
-            raise ValueError(f"iterations must be a positive integer, got {self.iterations!r}")
-        # Lazy: importing calib.defences does not pull in the attack stack.
-        from calib.attacks import method_options
-
+        check_eps(self.eps, "linf")
+        check_number("alpha", self.alpha, low=0, low_open=True)
+        check_int("iterations", self.iterations, minimum=1)
+        check_int("seed", self.seed)
         allowed = sorted(set(method_options("pgd")) - {"alpha"})
         unknown = sorted(set(self.attack_options) - set(allowed))
         if unknown:
@@ -274,8 +224,6 @@ class CAATStep:
     def adversarial_examples(self, model: nn.Module, images: torch.Tensor
                              ) -> tuple[torch.Tensor, torch.Tensor]:
         """White-box UCA and OCA examples (N, C, H, W) of ``images``, both detached."""
-        from calib.attacks import run_attack
-
         # run_attack evaluates the model in eval mode and restores its modes afterwards.
         seed = self.seed + self.batches_seen
         adv = [run_attack(model, images, kind=kind, method="pgd", eps=self.eps,

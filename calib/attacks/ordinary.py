@@ -6,14 +6,14 @@ are with how detectable *ordinary* adversarial attacks are. The ordinary attacks
 - **Square Attack** (Andriushchenko et al., ECCV 2020, arXiv:1912.00049), untargeted, L-inf
   or L2, score-based: the usual margin loss ``z_k - max_{j != k} z_j`` on the logits (k the
   clean prediction), a candidate is kept when it lowers the loss, and a sample stops being
-  queried as soon as its label flips. It reuses the proposal machinery of
+  queried as soon as its label flips. It reuses the proposal functions of
   :mod:`calib.attacks.square` (window schedule, +-eps squares, vertical-stripe
   initialisation, the L2 "meta" pseudo-Gaussian update), so the ordinary and calibration
   Square Attacks differ only in their objective and acceptance rule.
-- **PGD** (Madry et al., ICLR 2018), L-inf only: :func:`calib.defences.training.pgd_linf`
-  run on the clean predictions (not the true labels, so that "success" means the same thing
-  for both methods: the predicted label moved away from the clean prediction). It runs all
-  its steps (no early stop), as the standard attack does.
+- **PGD** (Madry et al., ICLR 2018), L-inf only: :func:`calib.attacks.pgd.pgd_linf` run on
+  the clean predictions (not the true labels, so that "success" means the same thing for
+  both methods: the predicted label moved away from the clean prediction). It runs all its
+  steps (no early stop), as the standard attack does.
 
 One entry point, :func:`ordinary_attack`, returns an :class:`OrdinaryAttackResult`.
 
@@ -31,17 +31,18 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from calib.attacks.pgd import pgd_linf
 from calib.attacks.square import (
-    _propose_l2,
-    _propose_linf,
-    _propose_stripes,
     meta_pseudo_gaussian,
     p_schedule,
+    propose_l2,
+    propose_linf,
+    propose_stripes,
     square_side,
     square_side_l2,
 )
-from calib.checks import check_choice, check_eps, check_images, eval_mode
-from calib.defences.training import pgd_linf
+from calib.checks import check_bool, check_choice, check_eps, check_images, check_int, check_number
+from calib.runtime import eval_mode, predict_logits
 
 #: Methods and norms of the ordinary attacks (PGD: L-inf only).
 ORDINARY_METHODS: tuple[str, ...] = ("square", "pgd")
@@ -96,12 +97,6 @@ def margin_loss(logits: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return z_k - z.scatter(1, k[:, None], -math.inf).amax(1)
 
 
-def _check_int(name: str, value: object, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    return value
-
-
 @torch.no_grad()
 def _square_chunk(model: nn.Module, x: torch.Tensor, *, norm: str, eps: float,
                   iterations: int, p_init: float, stripes_init: bool,
@@ -123,16 +118,16 @@ def _square_chunk(model: nn.Module, x: torch.Tensor, *, norm: str, eps: float,
         p = p_schedule(p_init, t, iterations)
         init = t == 0 and stripes_init and norm == "linf"
         if init:
-            x_new = _propose_stripes(x.index_select(0, idx), eps, generator)
+            x_new = propose_stripes(x.index_select(0, idx), eps, generator)
         elif norm == "linf":
             x_new = x_best.index_select(0, idx)
-            _propose_linf(x, idx, x_new, eps, square_side(p, h, w), generator)
+            propose_linf(x, idx, x_new, eps, square_side(p, h, w), generator)
         else:
             side = square_side_l2(p, h, w)
             if side not in patterns:
                 patterns[side] = meta_pseudo_gaussian(side).to(x.device, x.dtype)
-            x_new = _propose_l2(x.index_select(0, idx), x_best.index_select(0, idx), eps,
-                                side, patterns[side], generator)
+            x_new = propose_l2(x.index_select(0, idx), x_best.index_select(0, idx), eps,
+                               side, patterns[side], generator)
         loss = margin_loss(model(x_new), k[idx])
         # The reference starts from the stripes unconditionally; later squares must improve.
         accepted = torch.ones_like(loss, dtype=torch.bool) if init else loss < best[idx]
@@ -197,17 +192,12 @@ def ordinary_attack(
         raise ValueError(f"norm must be 'linf' for method='pgd' (pgd_linf), got {norm!r}")
     images = check_images(images)
     eps = check_eps(eps, norm)
-    _check_int("iterations", iterations, 1)
-    _check_int("batch_size", batch_size, 1)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an integer, got {seed!r}")
-    if isinstance(p_init, bool) or not isinstance(p_init, int | float) \
-            or not 0.0 < p_init <= 1.0:
-        raise ValueError(f"p_init must be in (0, 1], got {p_init!r}")
-    if alpha is None:
-        alpha = eps / 4
-    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not alpha > 0:
-        raise ValueError(f"alpha must be a positive number, got {alpha!r}")
+    check_int("iterations", iterations, minimum=1)
+    check_int("batch_size", batch_size, minimum=1)
+    check_int("seed", seed)
+    p_init = check_number("p_init", p_init, low=0, high=1, low_open=True)
+    check_bool("stripes_init", stripes_init)
+    alpha = check_number("alpha", eps / 4 if alpha is None else alpha, low=0, low_open=True)
     if min(images.shape[2:]) < 2:
         raise ValueError(f"images must be at least 2x2 pixels, got {tuple(images.shape[2:])}")
 
@@ -222,21 +212,19 @@ def ordinary_attack(
                           leave=False):
             if method == "square":
                 adv, k, q = _square_chunk(model, chunk, norm=norm, eps=eps,
-                                          iterations=iterations, p_init=float(p_init),
-                                          stripes_init=bool(stripes_init),
-                                          generator=generator)
+                                          iterations=iterations, p_init=p_init,
+                                          stripes_init=stripes_init, generator=generator)
             else:
                 with torch.no_grad():
                     k = model(chunk).argmax(1)
-                adv = pgd_linf(model, chunk, k, eps=eps, alpha=float(alpha),
-                               steps=iterations, random_start=True, generator=generator)
+                adv = pgd_linf(model, chunk, k, eps=eps, alpha=alpha, steps=iterations,
+                               random_start=True, generator=generator)
                 q = torch.full_like(k, iterations + 1)
             x_adv.append(adv)
             ks.append(k)
             queries.append(q)
-        out = torch.cat(x_adv)
-        with torch.no_grad():
-            final = torch.cat([model(c).argmax(1) for c in out.split(batch_size)]).cpu()
+    out = torch.cat(x_adv)
+    final = predict_logits(model, out, batch_size=batch_size).argmax(1)
     clean = torch.cat(ks).cpu()
     return OrdinaryAttackResult(
         x_adv=out, success=final != clean, queries=torch.cat(queries).cpu(),
