@@ -59,7 +59,7 @@ def trained_classifier(x: torch.Tensor, y: torch.Tensor, num_classes: int) -> nn
 
 def test_readme_has_one_own_model_snippet_of_about_ten_lines():
     blocks = python_blocks(readme_section(SNIPPET_HEADING))
-    assert len(blocks) == 1, "exactly one python block under the own-model heading"
+    assert len(blocks) == 2, "the own-model snippet, then the attack-grid snippet"
     code_lines = [ln for ln in blocks[0].splitlines() if ln.strip() and not ln.lstrip()
                   .startswith("#")]
     assert 6 <= len(code_lines) <= 14, code_lines
@@ -89,6 +89,23 @@ def test_own_model_snippet_runs_as_written(one_thread, capsys):
         assert summary["accuracy_after"] == summary["accuracy_before"]
     uca = [r for r in results if r.kind == "uca"]
     assert uca and uca[0].final_confidence.mean() < uca[0].clean_confidence.mean()
+
+
+def test_attack_grid_snippet_runs_as_written(one_thread):
+    generator = torch.Generator().manual_seed(0)
+    x_train, y_train = patch_images(256, 4, generator)
+    x, y = patch_images(8, 4, generator)
+    model = trained_classifier(x_train, y_train, 4)
+    source = python_blocks(readme_section(SNIPPET_HEADING))[1]
+    # The README's budget is a real one; the test shortens it to seconds, nothing else.
+    source = source.replace("square_iterations=1000", "square_iterations=5")
+    source = source.replace("pgd_iterations=100", "pgd_iterations=3")
+    namespace = {"model": model, "x": x, "y": y}
+    exec(compile(source, "README.md", "exec"), namespace)
+    run, table, records = namespace["run"], namespace["table"], namespace["records"]
+    assert len(table) == 3 * 4 and {s["model"] for s in table} == {"mine"}
+    assert all(s["label_preserved"] == 1.0 for s in table)
+    assert len(records) == 8 * len(run.results)
 
 
 @pytest.mark.parametrize("command", ["make reproduce", "make test",

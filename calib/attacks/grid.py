@@ -67,13 +67,14 @@ RECORD_COLUMNS: tuple[str, ...] = (
     "target", "queries", "success", "linf", "l2")
 
 
-def parse_names(key: str, value: str | Sequence[str], allowed: Sequence[str]) -> list[str]:
+def parse_names(key: str, value: str | Sequence[str], allowed: Sequence[str] | None = None
+                ) -> list[str]:
     """A comma-separated string (as params.yaml holds it) or a sequence of names -> list.
 
     Args:
         key: the parameter's name, for messages (e.g. ``"attack.settings"``).
         value: ``"square-linf,pgd-linf"`` or ``["square-linf", "pgd-linf"]``.
-        allowed: the names that may appear.
+        allowed: the names that may appear (None: any, e.g. model names the schema checked).
 
     Raises:
         ValueError: empty, a duplicate, or a name not in ``allowed`` (naming ``key``).
@@ -81,9 +82,11 @@ def parse_names(key: str, value: str | Sequence[str], allowed: Sequence[str]) ->
     items = [v.strip() for v in value.split(",")] if isinstance(value, str) else list(value)
     items = [v for v in items if v]
     if not items:
-        raise ValueError(f"{key} is empty; choose from {list(allowed)}")
+        choices = "" if allowed is None else f"; choose from {list(allowed)}"
+        raise ValueError(f"{key} is empty{choices}")
     for item in items:
-        check_choice(key, item, allowed)
+        if allowed is not None:
+            check_choice(key, item, allowed)
     if len(set(items)) != len(items):
         raise ValueError(f"{key} lists a name more than once: {items}")
     return items
