@@ -33,7 +33,7 @@ def env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return out
 
 
-def run(args: Sequence[str], cwd: Path, timeout: int = 900,
+def run(args: Sequence[str], cwd: Path, timeout: int = 2400,
         extra_env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run a command in ``cwd``; fail the test with the end of its output if it fails."""
     proc = subprocess.run(list(args), cwd=cwd, env=env(extra_env), capture_output=True,

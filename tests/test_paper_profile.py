@@ -123,9 +123,9 @@ def paper_repos(tmp_path_factory) -> dict[str, Path]:
     wall: dict[str, float] = {}
     try:
         for dataset in ("caltech101", "gtsrb"):
-            run(_repro_command(dataset), repos[dataset], timeout=900, extra_env=stage_env)
+            run(_repro_command(dataset), repos[dataset], timeout=1800, extra_env=stage_env)
             wall[dataset] = round(time.monotonic() - start, 1)
-        out, _ = cifar.communicate(timeout=900)
+        out, _ = cifar.communicate(timeout=1800)
         wall["cifar100"] = round(time.monotonic() - start, 1)
     finally:
         if cifar.poll() is None:
