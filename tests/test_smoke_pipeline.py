@@ -93,6 +93,7 @@ def _check_defence_outputs(repo: Path) -> None:
     import pandas as pd
     import yaml
 
+    from calib.attacks.grid import RECORDS_FILE
     from calib.defences.evaluate import DEFENCES
 
     params = yaml.safe_load((repo / "params.yaml").read_text())
@@ -114,7 +115,7 @@ def _check_defence_outputs(repo: Path) -> None:
             for s in summary["attacks"]:
                 assert s["label_preserved"] == 1.0, (defence, s["setting"], s["kind"])
                 assert s["linf_max"] <= params["attack"]["eps"] + 1e-6
-            assert (repo / f"results/{model}/defences/{defence}/records.csv").exists()
+            assert (repo / f"results/{model}/defences/{defence}/{RECORDS_FILE}").exists()
             assert (repo / f"reports/notebooks/30_defend_{model}-{defence}.ipynb").exists()
         assert (table["acc_before"] == table["acc_after"]).all()
         assert table[["ece_before", "ece_after", "ks_before", "ks_after"]].le(1).all().all()
