@@ -5,7 +5,7 @@ PROFILE ?= default
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export PYTHONHASHSEED := 0
 
-.PHONY: setup reproduce test test-fast lint profile smoke bench clean-outputs
+.PHONY: setup reproduce pull push compare test test-fast lint profile smoke bench clean-outputs launch
 
 setup:
 	@VENV=$(VENV) bash scripts/setup.sh
@@ -15,6 +15,19 @@ reproduce: setup
 	python -m calib.config params.yaml
 	dvc repro
 	dvc metrics show
+
+## Fetch the trained models, splits, attack records and executed notebooks from the lab's DVC
+## remote instead of recomputing them (says how to add a remote when none is configured).
+pull: setup
+	python -m calib.remote pull
+
+## Upload this checkout's DVC cache to the remote, for readers to `make pull`.
+push: setup
+	python -m calib.remote push
+
+## After a reproduction: does every headline number lie inside the committed 95% interval?
+compare: setup
+	python -m calib.reproduction
 
 ## Unit, property and notebook-convention tests, plus one end-to-end smoke run of the pipeline.
 test: setup
@@ -27,6 +40,11 @@ test-fast: setup
 ## ruff over the package, the tests, the benchmarks and the notebooks' code cells.
 lint: setup
 	ruff check calib tests benchmarks notebooks
+
+## A parameter grid as one job per experiment, on Slurm or this machine (README: "More than one
+## machine"):  make launch ARGS="--executor slurm -S 'attack.eps=0.02,0.05' -S 'seed=0,1'"
+launch: setup
+	python -m calib.launch $(ARGS)
 
 ## Switch params.yaml to a profile: make profile PROFILE=smoke|default|paper
 profile:

@@ -8,6 +8,8 @@ serves every module's options. The predicates (:func:`label_preserved`, :func:`w
 (SPEC §3): the predicted label is kept, the perturbation stays inside the eps-ball and [0, 1],
 and the attacked model is left exactly as it was. The tests use them as helpers, and so can a
 practitioner auditing their own attack run.
+:func:`vanishing_gradients` and :func:`check_zero_gradients` flag gradient masking: every
+white-box attack checks the input gradient at the clean images and warns when it vanishes.
 """
 
 from __future__ import annotations
@@ -31,6 +33,14 @@ def check_choice(name: str, value: object, allowed: Sequence[str]) -> str:
     if not isinstance(value, str) or value not in allowed:
         raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
     return value
+
+
+def check_choices(name: str, value: object, allowed: Sequence[str]) -> list[str]:
+    """A non-empty sequence (not a string) whose items are all in ``allowed``; else ValueError."""
+    if isinstance(value, str) or not value or not isinstance(value, Sequence):
+        raise ValueError(f"{name} must be a non-empty sequence of {list(allowed)}, "
+                         f"got {value!r}")
+    return [check_choice(f"{name} item", item, allowed) for item in value]
 
 
 def check_int(name: str, value: object, *, minimum: int | None = None,
@@ -244,3 +254,52 @@ def check_deterministic(model: nn.Module, images: torch.Tensor, *, n: int = 8) -
             "their acceptance rule assume a deterministic model", UserWarning, stacklevel=3)
         return False
     return True
+
+
+#: A per-sample input gradient whose largest entry is at most this is treated as vanished.
+#: A model whose output does depend on its input has gradients many orders above it (about
+#: 1e-4 to 1 per pixel for the CE of a trained CNN on [0, 1] images); a clamped or quantised
+#: output gives exactly 0 or float noise around 1e-17.
+VANISHING_GRADIENT_ATOL: float = 1e-12
+
+
+class GradientMaskingWarning(UserWarning):
+    """White-box gradients vanish on some inputs: a gradient attack there measures nothing."""
+
+
+def vanishing_gradients(grad: torch.Tensor, *, atol: float = VANISHING_GRADIENT_ATOL
+                        ) -> torch.Tensor:
+    """Per-sample bool (B,) on the CPU: the input gradient ``grad`` (B, ...) has vanished.
+
+    As auto-attack's ``check_zero_gradients`` (Croce & Hein 2020, arXiv:2003.01690), with a
+    tolerance instead of exact zero: a gradient that underflows to 1e-17 steers a sign step
+    at random just as a zero one stops it. NaN gradients count as vanished (no direction).
+    """
+    size = grad.detach().flatten(1).abs().amax(1)
+    return (~(size > atol)).cpu()
+
+
+def check_zero_gradients(vanished: torch.Tensor, *, context: str,
+                         stacklevel: int = 3) -> float:
+    """Warn (:class:`GradientMaskingWarning`) when any sample's input gradient vanished.
+
+    Args:
+        vanished: bool (N,) from :func:`vanishing_gradients`.
+        context: what was attacked, for the message (e.g. "PGD L-inf UCA").
+
+    Returns:
+        The fraction of samples whose gradient vanished.
+    """
+    vanished = vanished.detach().reshape(-1).cpu()
+    if vanished.numel() == 0:
+        return 0.0
+    fraction = float(vanished.double().mean())
+    if fraction > 0:
+        warnings.warn(
+            f"{context}: the input gradient vanishes on {int(vanished.sum())} of "
+            f"{vanished.numel()} samples ({fraction:.1%}); a gradient attack cannot move "
+            "them, so its success rate there is no evidence of robustness (gradient masking,"
+            " Athalye et al. 2018). Attack through a differentiable surrogate of the masking "
+            "part (BPDA / straight-through) or with a black-box attack (Square) instead.",
+            GradientMaskingWarning, stacklevel=stacklevel)
+    return fraction

@@ -114,6 +114,12 @@ def _defences() -> Sequence[str]:
     return DEFENCES
 
 
+def _check_robustbench_model(name: str) -> None:
+    from calib.defences.robust import check_options
+
+    check_options(model_name=name)
+
+
 def _parse_names(key: str, value: str, allowed: Sequence[str]) -> list[str]:
     from calib.attacks.grid import parse_names
 
@@ -283,6 +289,22 @@ class Model(_Section):
         return arch
 
 
+class TrainSeeds(_Section):
+    """Independently trained copies of a model (the paper's a/b/c versions): how much a
+    headline number moves when only the training seed changes."""
+
+    seeds: int = Field(ge=1)
+    """Models per architecture: the main checkpoint (trained with seed) and seeds - 1 copies
+    trained the same way with seed + 1, seed + 2, ..."""
+    models: Distinct[str]
+    """Models that get the copies (keys of models)."""
+    setting: Annotated[str, _OneOf(_settings)]
+    """The headline attack's method-norm pair, run on every copy with the attack stage's
+    budget and images."""
+    kinds: Annotated[str, _Names(_kinds)]
+    """Its attack kinds, comma-separated."""
+
+
 class Attack(_Section):
     """The attack stage (SPEC §3-5); radii on the [0, 1] pixel scale."""
 
@@ -334,9 +356,8 @@ class AAAOptions(_Section):
     steps: int = Field(ge=0)
     """Adam steps."""
     calib_weight: float = Field(ge=0)
-    """Weight of the confidence-preservation term."""
-    bpda: bool
-    """White-box PGD passes gradients through AAA (adaptive attack)."""
+    """Weight of the confidence-preservation term. (White-box attacks on AAA need no option:
+    the defence stage tries masked, BPDA and transfer PGD and reports the strongest.)"""
 
 
 class MDTSOptions(_Section):
@@ -368,25 +389,37 @@ class SAMOptions(_Section):
 
 
 class PGDATOptions(_Section):
-    """PGD adversarial training (calib.defences.training.PGDATStep)."""
+    """PGD adversarial training (calib.defences.training.PGDATStep), at the evaluation's
+    radius attack.eps (a defence is trained against the threat it is evaluated on)."""
 
-    eps: float = Field(gt=0, le=1)
-    """L-inf radius (8/255)."""
     alpha: float = Field(gt=0)
-    """PGD step size (2/255)."""
+    """PGD step size (Madry et al.'s rule 2.5 eps / steps: 0.025 at eps 0.1, 10 steps)."""
     steps: int = Field(ge=0)
     """PGD steps (10)."""
 
 
 class CAATOptions(_Section):
-    """Calibration-attack adversarial training (calib.defences.training.CAATStep)."""
+    """Calibration-attack adversarial training (calib.defences.training.CAATStep), at the
+    evaluation's radius attack.eps (the released code's 0.1 in the default profile)."""
 
-    eps: float = Field(gt=0, le=1)
-    """L-inf radius of the UCA and OCA examples (released code: 0.1)."""
     iterations: int = Field(ge=1)
     """PGD steps per attack (released code: 10)."""
     alpha: float = Field(gt=0)
     """PGD step size (released code: 2/255)."""
+
+
+class RobustBenchOptions(_Section):
+    """A robust pretrained CIFAR-100 model from RobustBench (calib.defences.robust): its own
+    weights, not a defence of the clean checkpoint, attacked at its native 32 px. Paper profile
+    only: the first run downloads the checkpoint (or put it in model_dir)."""
+
+    model_name: str
+    """RobustBench model id of its CIFAR-100 Linf zoo (e.g. Rebuffi2021Fixing_28_10_cutmix_ddpm);
+    checked against robustbench's registry where defend.defences lists robustbench."""
+    threat_model: Literal["Linf"]
+    """RobustBench threat model: Linf only (the attacks' eps is an L-inf radius)."""
+    model_dir: str = Field(min_length=1)
+    """Checkpoint folder: <model_dir>/cifar100/Linf/<model_name>.pt, downloaded when absent."""
 
 
 class DefenceOptions(_Section):
@@ -408,6 +441,8 @@ class DefenceOptions(_Section):
     """PGD adversarial training (PGD-10 at 8/255 with steps of 2/255)."""
     caat: CAATOptions
     """CAAT (released code: eps 0.1, 10 steps of 2/255)."""
+    robustbench: RobustBenchOptions
+    """RobustBench robust model (paper profile: Rebuffi et al. 2021's WideResNet-28-10)."""
 
 
 class Defend(_Section):
@@ -452,7 +487,10 @@ class Sweep(_Section):
     n_images: int = Field(ge=1)
     """The first N images of the attack split (at most data.attack_size)."""
     square_iterations: int = Field(ge=1)
-    """Queries per image (the query curve comes from the attack stage)."""
+    """Queries per image of the eps sweep."""
+    budgets: Distinct[Annotated[int, Field(ge=1)]]
+    """Fig. 2's query axis: Square queries per image of dedicated runs (each its own run, as a
+    user choosing that budget would run it) at attack.eps on the sweep's images."""
     pgd_iterations: int = Field(ge=1)
     """Gradient steps."""
     pgd_alpha_fraction: float = Field(gt=0, le=2)
@@ -477,15 +515,25 @@ class Saliency(_Section):
     """Top-k pixel overlap (IoU) uses this fraction of each map."""
 
 
+def _detectors() -> Sequence[str]:
+    from calib.analysis.detection import DETECTORS
+
+    return DETECTORS
+
+
 class Detection(_Section):
-    """Table 2: Mahalanobis and LID detectors (ResNet only, as the paper)."""
+    """Table 2: Mahalanobis, LID and SpectralDefense (ResNet only, as the paper)."""
 
     model: str
     """The model the detectors watch (a key of models)."""
+    detectors: Annotated[str, _Names(_detectors)]
+    """Detectors run against every attack, comma-separated (mahalanobis, lid, spectral)."""
     n_fit: int = Field(ge=10)
     """Clean training images the detectors are fit on (seeded subset)."""
     lid_k: int = Field(ge=2)
     """LID nearest neighbours (Ma et al. 2018); below n_fit."""
+    norm_bins: int = Field(ge=1)
+    """L2-norm bins per attack setting of the norm-matched family comparison."""
 
 
 class Compare(_Section):
@@ -510,6 +558,11 @@ class Claims(_Section):
     """The model whose defences are judged (one of defend.models)."""
     setting: Annotated[str, _OneOf(_settings)]
     """Attack setting the claims read (one of attack.settings)."""
+    bound_images: int = Field(ge=1)
+    """Images (the first N of the attack split, at most data.attack_size) that MMA with UCA
+    minimising p_k (the push-to-the-bound variant) runs on, per main model."""
+    bound_iterations: int = Field(ge=1)
+    """That run's budget: Square queries or PGD steps, whichever the setting runs."""
 
 
 class Analysis(_Section):
@@ -545,6 +598,8 @@ class Params(_Section):
     """Dataset and splits."""
     models: dict[str, Model] = Field(min_length=1)
     """Per model name: architecture, then its training hyper-parameters."""
+    train: TrainSeeds
+    """Training seeds: copies of the main models trained with other seeds."""
     attack: Attack
     """The attack stage."""
     defend: Defend
@@ -579,7 +634,7 @@ class Params(_Section):
                 errors.append((loc, value, f"{err} (the keys of models)"))
 
         for section, listed in (("defend", self.defend.models), ("sweep", self.sweep.models),
-                                ("analysis", self.analysis.models)):
+                                ("analysis", self.analysis.models), ("train", self.train.models)):
             for i, name in enumerate(listed):
                 model_name((section, "models", i), name)
         analysis = self.analysis
@@ -592,8 +647,21 @@ class Params(_Section):
             errors.append((("analysis", "claims", "defence_model"), analysis.claims.defence_model,
                            f"{analysis.claims.defence_model!r} is not defended; choose one of "
                            f"defend.models {self.defend.models}"))
+        if "robustbench" in self.defend.defences:
+            where = ("defend", "defences", self.defend.defences.index("robustbench"))
+            if self.data.dataset != "cifar100":
+                errors.append((where, "robustbench", f"'robustbench' loads a CIFAR-100 model of "
+                               f"RobustBench; it needs data.dataset cifar100, not "
+                               f"{self.data.dataset!r} (remove it from defend.defences)"))
+            name = self.defend.options.robustbench.model_name
+            try:
+                _check_robustbench_model(name)
+            except ValueError as err:
+                errors.append((("defend", "options", "robustbench", "model_name"), name,
+                               str(err).removeprefix("model_name ")))
         attacked = _parse_names("settings", self.attack.settings, _settings())
         for loc, setting in (
+                (("train", "setting"), self.train.setting),
                 (("analysis", "setting"), analysis.setting),
                 (("analysis", "compare", "setting"), analysis.compare.setting),
                 (("analysis", "claims", "setting"), analysis.claims.setting)):
@@ -606,6 +674,10 @@ class Params(_Section):
             if n_images > size:  # both attack a prefix of the attack split
                 errors.append(((section, "n_images"), n_images, f"{n_images} exceeds "
                                f"data.attack_size = {size} (images come from the attack split)"))
+        if analysis.claims.bound_images > size:  # also a prefix of the attack split
+            errors.append((("analysis", "claims", "bound_images"), analysis.claims.bound_images,
+                           f"{analysis.claims.bound_images} exceeds data.attack_size = {size} "
+                           "(images come from the attack split)"))
         detection = analysis.detection
         if detection.lid_k >= detection.n_fit:
             errors.append((("analysis", "detection", "lid_k"), detection.lid_k,

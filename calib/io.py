@@ -110,6 +110,87 @@ def read_json(path: str | os.PathLike[str]) -> Any:
         return json.load(fh)
 
 
+#: Suffix of a metrics file DVC reads (``dvc metrics show``, ``dvc exp show``).
+METRICS_SUFFIX = "_metrics.json"
+#: Suffix of its sibling with everything that is not a number (names, lists, environment).
+INFO_SUFFIX = "_info.json"
+
+
+def info_path(metrics_path: str | os.PathLike[str]) -> Path:
+    """The sibling of a metrics file that holds its non-scalar part.
+
+    ``results/resnet/clean_metrics.json -> results/resnet/clean_info.json``.
+    """
+    path = Path(metrics_path)
+    if not path.name.endswith(METRICS_SUFFIX):
+        raise ValueError(f"a metrics file's name ends with {METRICS_SUFFIX!r}; got {path.name!r}")
+    return path.with_name(path.name[: -len(METRICS_SUFFIX)] + INFO_SUFFIX)
+
+
+def _is_metric(value: Any) -> bool:
+    return isinstance(value, bool | int | float) and not (
+        isinstance(value, float) and value != value)  # NaN is no metric DVC can compare
+
+
+def split_metrics(doc: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split a nested document into ``(scalars, info)`` with the same key paths.
+
+    ``scalars`` keeps every number and bool (what ``dvc metrics diff`` and ``dvc exp show``
+    compare); ``info`` keeps the rest: names, lists, environment, NaN. Mappings left empty on
+    one side are dropped. ``merge_metrics(*split_metrics(d)) == d`` for any JSON document.
+    """
+    scalars: dict[str, Any] = {}
+    info: dict[str, Any] = {}
+    for key, value in _to_jsonable(doc).items():
+        if isinstance(value, Mapping):
+            sub_scalars, sub_info = split_metrics(value)
+            if sub_scalars:
+                scalars[key] = sub_scalars
+            if sub_info or not sub_scalars:  # an empty mapping survives, on the info side
+                info[key] = sub_info
+        elif _is_metric(value):
+            scalars[key] = value
+        else:
+            info[key] = value
+    return scalars, info
+
+
+def merge_metrics(scalars: Mapping[str, Any], info: Mapping[str, Any]) -> dict[str, Any]:
+    """Inverse of :func:`split_metrics`: one nested document from both halves."""
+    merged: dict[str, Any] = {k: v for k, v in info.items()}
+    for key, value in scalars.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = merge_metrics(value, merged[key])
+        elif key in merged:
+            raise ValueError(f"metrics key {key!r} is in both the scalar and the info half")
+        else:
+            merged[key] = value
+    return merged
+
+
+def write_metrics(path: str | os.PathLike[str], doc: Mapping[str, Any]) -> None:
+    """Write a stage's metrics: numbers to ``path`` (``*_metrics.json``), the rest beside it.
+
+    DVC shows every leaf of a metrics file in ``dvc exp show`` and ``dvc metrics diff``; kept
+    to scalars, those tables stay readable. Names, class lists and the run environment go to
+    :func:`info_path` (``*_info.json``), declared as an ordinary output. Read both back with
+    :func:`read_metrics`.
+    """
+    scalars, info = split_metrics(doc)
+    write_json(info_path(path), info)
+    write_json(path, scalars)
+
+
+def read_metrics(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a metrics file written by :func:`write_metrics`, merged with its info sibling."""
+    path = Path(path)
+    sibling = info_path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no metrics file {path}; has its stage run?")
+    info = read_json(sibling) if sibling.is_file() else {}
+    return merge_metrics(read_json(path), info)
+
+
 def write_text(path: str | os.PathLike[str], text: str) -> None:
     """Write ``text`` atomically (UTF-8)."""
     with atomic_path(path) as tmp:

@@ -17,7 +17,7 @@ import timm
 import torch
 from torch import nn
 
-from calib.checks import check_choice, check_images, check_int
+from calib.checks import check_choices, check_images, check_int
 from calib.runtime import eval_mode, model_device
 
 #: Families and, per family, the timm architectures we support (prefix match on the timm name).
@@ -127,11 +127,7 @@ def extract_features(model: nn.Module, images: torch.Tensor, *,
         ValueError: invalid images, layers or batch size, or a layer the model cannot give.
     """
     images = check_images(images)
-    if isinstance(layers, str) or not layers:
-        raise ValueError(f"layers must be a non-empty sequence of {list(FEATURE_LAYERS)}, "
-                         f"got {layers!r}")
-    for layer in layers:
-        check_choice("layers item", layer, FEATURE_LAYERS)
+    check_choices("layers", layers, FEATURE_LAYERS)
     if not isinstance(model, ImageClassifier):
         if "intermediate" in layers:
             raise ValueError("layer 'intermediate' needs an ImageClassifier (a timm backbone "

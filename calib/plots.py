@@ -7,7 +7,7 @@ PDFs without creation dates, so an unchanged result keeps its hash (DVC and git 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import matplotlib
 
@@ -46,6 +46,17 @@ ATTACK_COLOURS = {"clean": "#0173b2", "uca": "#de8f05", "oca": "#d55e00", "mma":
                   "rca": "#029e73"}
 
 
+#: The reliability diagram's marks: the hatched gap to the mean confidence, the diagonal.
+GAP_COLOUR = "#c0392b"
+DIAGONAL_COLOUR = "#555555"
+#: Clean (before-attack) levels drawn as lines across attack curves.
+CLEAN_COLOUR = "#222222"
+#: Attack kinds in the order of every table and figure (calib.reporting.KIND_ORDER).
+KINDS = ("uca", "oca", "mma", "rca")
+#: Attack settings in the order of the figures' panels (calib.reporting.SETTING_ORDER).
+SETTINGS = ("square-linf", "square-l2", "pgd-linf")
+
+
 def use_style() -> None:
     """Apply the project's pinned matplotlib style."""
     plt.rcParams.update(STYLE)
@@ -76,7 +87,8 @@ def reliability_diagram(ax: Axes, confidences: ArrayLike, correct: ArrayLike, *,
     """Draw a reliability diagram (per-bin accuracy bars against the diagonal) on ``ax``.
 
     Bars show the accuracy of each confidence bin; the hatched red part is the gap to the
-    bin's mean confidence. The ECE is printed in the corner. Returns the bins.
+    bin's mean confidence; the dashed diagonal is perfect calibration. The ECE is printed in the
+    corner (:func:`reliability_legend` explains the marks once per figure). Returns the bins.
     """
     bins = reliability_bins(confidences, correct, n_bins)
     edges = np.asarray(bins.edges)
@@ -90,8 +102,8 @@ def reliability_diagram(ax: Axes, confidences: ArrayLike, correct: ArrayLike, *,
     gap_lo = np.minimum(acc, conf)[has]
     gap_hi = np.maximum(acc, conf)[has]
     ax.bar(centres[has], gap_hi - gap_lo, bottom=gap_lo, width=width, color="none",
-           edgecolor="#c0392b", hatch="///", linewidth=0.0, label="gap to confidence")
-    ax.plot([0, 1], [0, 1], ls="--", color="#555555", lw=1)
+           edgecolor=GAP_COLOUR, hatch="///", linewidth=0.0, label="gap to mean confidence")
+    ax.plot([0, 1], [0, 1], ls="--", color=DIAGONAL_COLOUR, lw=1, label="perfect calibration")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.set_xlabel("confidence")
@@ -101,6 +113,22 @@ def reliability_diagram(ax: Axes, confidences: ArrayLike, correct: ArrayLike, *,
     if title:
         ax.set_title(title)
     return bins
+
+
+def reliability_legend(fig: Figure, *, bar_colour: str = PALETTE[7], ncol: int = 3) -> None:
+    """One legend under the figure for the marks of its reliability diagrams (bars, hatched gap,
+    dashed diagonal), outside every axes so that it covers no data. The figure must use the
+    constrained layout (``layout="constrained"``)."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    handles = [
+        Patch(facecolor=bar_colour, edgecolor="white", label="accuracy per confidence bin"),
+        Patch(facecolor="none", edgecolor=GAP_COLOUR, hatch="///",
+              label="gap to the bin's mean confidence"),
+        Line2D([0], [0], ls="--", color=DIAGONAL_COLOUR, lw=1, label="perfect calibration"),
+    ]
+    fig.legend(handles=handles, loc="outside lower center", ncol=ncol, fontsize=9)
 
 
 def confidence_histogram(ax: Axes, confidences: ArrayLike, *, n_bins: int = N_BINS,
@@ -123,26 +151,24 @@ def training_curves(history: Sequence[dict[str, float]], *, title: str | None = 
     """Loss and accuracy per epoch (train and validation) as a two-panel figure."""
     use_style()
     epochs = [h["epoch"] for h in history]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.4))
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.7), layout="constrained")
     ax_loss.plot(epochs, [h["train_loss"] for h in history], marker="o", label="train",
                  color=PALETTE[0])
     ax_loss.plot(epochs, [h["val_loss"] for h in history], marker="o", label="validation",
                  color=PALETTE[1])
     ax_loss.set_xlabel("epoch")
     ax_loss.set_ylabel("cross-entropy")
-    ax_loss.legend()
     ax_acc.plot(epochs, [h["train_accuracy"] for h in history], marker="o", label="train",
                 color=PALETTE[0])
     ax_acc.plot(epochs, [h["val_accuracy"] for h in history], marker="o", label="validation",
                 color=PALETTE[1])
     ax_acc.set_xlabel("epoch")
     ax_acc.set_ylabel("accuracy")
-    ax_acc.legend()
     for ax in (ax_loss, ax_acc):
         ax.xaxis.get_major_locator().set_params(integer=True)
+    fig.legend(handles=ax_loss.get_lines(), loc="outside lower center", ncol=2, fontsize=9)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
     return fig
 
 
@@ -224,11 +250,11 @@ def calibration_panel(confidences: ArrayLike, correct: ArrayLike, *, title: str,
                       n_bins: int = N_BINS) -> Figure:
     """Reliability diagram and confidence histogram side by side for one model/condition."""
     use_style()
-    fig, (ax_rel, ax_hist) = plt.subplots(1, 2, figsize=(8.6, 3.6))
+    fig, (ax_rel, ax_hist) = plt.subplots(1, 2, figsize=(8.6, 4.0), layout="constrained")
     reliability_diagram(ax_rel, confidences, correct, n_bins=n_bins, title="reliability")
     confidence_histogram(ax_hist, confidences, n_bins=n_bins, title="confidence histogram")
     fig.suptitle(title)
-    fig.tight_layout()
+    reliability_legend(fig, bar_colour=PALETTE[0])
     return fig
 
 
@@ -249,8 +275,9 @@ def reliability_grid(panels: dict[str, dict[str, tuple[ArrayLike, ArrayLike]]], 
     use_style()
     rows = list(panels)
     cols = list(dict.fromkeys(c for r in rows for c in panels[r]))
-    fig, axes = plt.subplots(len(rows), len(cols), figsize=(2.7 * len(cols), 2.7 * len(rows)),
-                             squeeze=False, sharex=True, sharey=True)
+    fig, axes = plt.subplots(len(rows), len(cols),
+                             figsize=(2.7 * len(cols), 2.7 * len(rows) + 0.5),
+                             squeeze=False, sharex=True, sharey=True, layout="constrained")
     for i, row in enumerate(rows):
         for j, col in enumerate(cols):
             ax = axes[i, j]
@@ -267,7 +294,7 @@ def reliability_grid(panels: dict[str, dict[str, tuple[ArrayLike, ArrayLike]]], 
                 ax.set_ylabel("")
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
+    reliability_legend(fig)
     return fig
 
 
@@ -323,7 +350,8 @@ def attack_curves(curves: pd.DataFrame, *, title: str | None = None) -> Figure:
 
 
 def defence_ece_heatmap(table: pd.DataFrame, *, title: str | None = None,
-                        cmap: str = "YlOrRd") -> Figure:
+                        cmap: str = "YlOrRd", names: Mapping[str, str] | None = None,
+                        families: Mapping[str, str] | None = None) -> Figure:
     """Post-attack ECE across defences and attacks (paper Table 4 as a figure).
 
     One heatmap per setting (e.g. square-linf, pgd-linf): a row per defence, a column per
@@ -336,15 +364,23 @@ def defence_ece_heatmap(table: pd.DataFrame, *, title: str | None = None,
             setting, attack, ece_before, ece_after).
         title: figure title.
         cmap: a matplotlib colormap name.
+        names: display name per defence key (e.g. :data:`calib.reporting.DEFENCE_NAMES`); its
+            order is the rows' order (undefended, post-hoc, training-time), defences it does
+            not list follow in the table's order.
+        families: family per defence key ("none", "posthoc", "training"): a white line
+            separates the families.
     """
     use_style()
     if table.empty:
         raise ValueError("table is empty: nothing to plot")
     if "model" in table and table["model"].nunique() > 1:
         raise ValueError("table holds several models; plot one model at a time")
-    settings = list(dict.fromkeys(table["setting"]))
-    defences = list(dict.fromkeys(table["defence"]))
-    attacks = list(dict.fromkeys(table["attack"]))
+    settings = _settings_in(table["setting"])
+    present = list(dict.fromkeys(table["defence"]))
+    names = dict(names or {})
+    defences = [d for d in names if d in present] + [d for d in present if d not in names]
+    order = {k.upper(): i for i, k in enumerate(KINDS)}
+    attacks = sorted(dict.fromkeys(table["attack"]), key=lambda a: order.get(a, len(order)))
     columns = ["clean", *attacks]
     grids = []
     for setting in settings:
@@ -372,8 +408,12 @@ def defence_ece_heatmap(table: pd.DataFrame, *, title: str | None = None,
         ax.set_xticks(range(len(columns)))
         ax.set_xticklabels(columns)
         ax.set_yticks(range(len(defences)))
-        ax.set_yticklabels(defences)
+        ax.set_yticklabels([names.get(d, d) for d in defences])
         ax.axvline(0.5, color="white", lw=2)
+        if families:
+            for i in range(1, len(defences)):
+                if families.get(defences[i]) != families.get(defences[i - 1]):
+                    ax.axhline(i - 0.5, color="white", lw=3)
         ax.grid(False)
         ax.set_title(setting)
         ax.tick_params(length=0)
@@ -381,4 +421,298 @@ def defence_ece_heatmap(table: pd.DataFrame, *, title: str | None = None,
     fig.colorbar(image, ax=axes[0].tolist(), label="ECE", fraction=0.04, pad=0.01)
     if title:
         fig.suptitle(title)
+    return fig
+
+
+# --------------------------------------------------------------------------------------------
+# Figures of the analysis stages (the notebooks only call these and save the result)
+
+_METRIC_LABELS = {"ece": "ECE", "ks": "KS error", "confidence": "average confidence",
+                  "accuracy": "accuracy", "success_rate": "success rate"}
+
+
+def _plain_log_ticks(ax: Axes, x: np.ndarray) -> None:
+    """Plain numbers on a log x axis (1, 2, 5, 10, ... for a short range; powers of ten for a
+    long one), never the crowded "2×10⁰ 3×10⁰" labels of minor ticks."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    span = np.log10(max(float(np.nanmax(x)), 1.0) / max(float(np.nanmin(x)), 1e-12))
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0) if span < 2 else (1.0,)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
+def _settings_in(values: Sequence[str]) -> list[str]:
+    present = list(dict.fromkeys(values))
+    return [k for k in SETTINGS if k in present] + [k for k in present if k not in SETTINGS]
+
+
+def _kinds_in(values: Sequence[str]) -> list[str]:
+    present = list(dict.fromkeys(values))
+    return [k for k in KINDS if k in present] + [k for k in present if k not in KINDS]
+
+
+def sweep_figure(tidy: pd.DataFrame, curves: pd.DataFrame | None, *,
+                 budgets: pd.DataFrame | None = None,
+                 settings: Sequence[str] | None = None,
+                 metrics: Sequence[str] = ("ece", "ks", "confidence"),
+                 eps_marks: Mapping[str, float] | None = None,
+                 title: str | None = None) -> Figure:
+    """The paper's Fig. 2: each metric against eps (the sweep) and against the query budget,
+    a row per metric, a column pair per setting.
+
+    The query axis is made of dedicated runs, one per budget (``budgets``; markers), each run
+    as a user choosing that budget would run it; the attack stage's one long run is drawn
+    beside them, dotted and named "one run's trajectory": Square's schedule is rescaled to the
+    budget, so its first b queries are not a b-query run. The sweep and the dedicated runs use
+    the first ``n`` attacked images, the trajectory all of them, so their clean levels differ
+    slightly: each is drawn in its own line style and named in the legend, under the panels.
+
+    Args:
+        tidy: :func:`calib.analysis.sweeps.collect_sweep` output of one model (columns
+            setting, kind, eps, n, the metrics and ``clean_<metric>``).
+        curves: the attack stage's long curve table (setting, kind, queries, metrics), or None.
+        budgets: :func:`calib.analysis.sweeps.collect_budgets` output of the same model, or
+            None (then the query axis is the trajectory alone).
+        settings: settings to draw (default: those in ``tidy``, in order).
+        metrics: rows, among ece, ks, confidence.
+        eps_marks: label -> eps drawn as a dotted vertical line on the eps axes.
+        title: figure title.
+    """
+    from matplotlib.lines import Line2D
+
+    if tidy.empty:
+        raise ValueError("tidy is empty: nothing to plot")
+    use_style()
+    settings = list(settings) if settings is not None else list(dict.fromkeys(tidy["setting"]))
+    panels = []
+    for setting in settings:
+        panels.append((setting, "eps"))
+        if any(df is not None and setting in set(df["setting"]) for df in (curves, budgets)):
+            panels.append((setting, "queries"))
+    fig, axes = plt.subplots(len(metrics), len(panels),
+                             figsize=(3.3 * len(panels), 2.6 * len(metrics) + 0.6),
+                             squeeze=False, sharex="col", layout="constrained")
+    kinds = _kinds_in(tidy["kind"])
+    styles = {"eps": "--", "queries": "-."}
+    trajectory_drawn = False
+    for j, (setting, axis) in enumerate(panels):
+        dedicated = (axis == "queries" and budgets is not None
+                     and setting in set(budgets["setting"]))
+        has_curve = curves is not None and setting in set(curves["setting"])
+        if axis == "eps" or dedicated:
+            source, x_name = (tidy, "eps") if axis == "eps" else (budgets, "budget")
+            part = source[source["setting"] == setting]  # type: ignore[index]
+        else:
+            part, x_name = curves[curves["setting"] == setting], "queries"  # type: ignore[index]
+        for i, metric in enumerate(metrics):
+            ax = axes[i, j]
+            wide = part.pivot_table(index=x_name, columns="kind", values=metric,
+                                    aggfunc="first").sort_index()
+            x = wide.index.to_numpy(dtype=np.float64)
+            for kind in (k for k in kinds if k in wide):
+                ax.plot(x, wide[kind], color=ATTACK_COLOURS.get(kind, PALETTE[0]),
+                        marker="o" if x_name != "queries" else None, ms=4, lw=1.5)
+            if x_name != "queries":
+                clean = float(part[f"clean_{metric}"].iloc[0])
+                ax.axhline(clean, color=CLEAN_COLOUR, ls=styles["eps"], lw=1.1)
+            if x_name == "queries" or (dedicated and has_curve):
+                run = curves[curves["setting"] == setting]  # type: ignore[index]
+                trajectory = run.pivot_table(index="queries", columns="kind", values=metric,
+                                             aggfunc="first").sort_index()
+                tq = trajectory.index.to_numpy(dtype=np.float64)
+                for kind in (k for k in kinds if k in trajectory):
+                    ax.plot(tq, trajectory[kind], color=ATTACK_COLOURS.get(kind, PALETTE[0]),
+                            ls=":" if dedicated else "-", lw=0.9 if dedicated else 1.5)
+                first = run[run["queries"] == run["queries"].min()]
+                ax.axhline(float(first[metric].mean()), color=CLEAN_COLOUR,
+                           ls=styles["queries"], lw=1.1)
+                trajectory_drawn = trajectory_drawn or dedicated
+                if x_name == "queries":
+                    x = tq
+            ax.set_xscale("log")
+            if axis == "eps":
+                for k, (label, value) in enumerate((eps_marks or {}).items()):
+                    ax.axvline(value, color="#777777", ls=":", lw=1)
+                    if i == 0:
+                        ax.text(value, 1.0 - 0.09 * k, f" {label}", fontsize=7,
+                                transform=ax.get_xaxis_transform(), color="#555555",
+                                va="top")
+                ax.set_xticks(x)
+                ax.set_xticklabels([repr(float(v)) for v in x], fontsize=8)
+                ax.minorticks_off()
+            else:
+                _plain_log_ticks(ax, x)
+            if metric == "confidence":
+                ax.set_ylim(0, 1.02)
+            else:
+                ax.set_ylim(bottom=0)
+            if i == 0:
+                ax.set_title(f"{setting}: against {'eps' if axis == 'eps' else 'queries'}",
+                             fontsize=10)
+            if i == len(metrics) - 1:
+                ax.set_xlabel("eps (L∞, [0, 1] pixel scale)" if axis == "eps" else
+                              ("gradient steps + 1" if setting.startswith("pgd")
+                               else "queries per image"))
+            if j == 0:
+                ax.set_ylabel(_METRIC_LABELS.get(metric, metric))
+    n = int(tidy["n"].iloc[0]) if "n" in tidy else None
+    handles = [Line2D([0], [0], color=ATTACK_COLOURS.get(k, PALETTE[0]), lw=1.5,
+                      label=k.upper()) for k in kinds]
+    handles.append(Line2D([0], [0], color=CLEAN_COLOUR, ls=styles["eps"], lw=1.1,
+                          label="clean, sweep images" + (f" (first {n})" if n else "")))
+    if trajectory_drawn:
+        handles.append(Line2D([0], [0], color="#555555", ls=":", lw=0.9,
+                              label="one long run's trajectory"))
+    if curves is not None and any(axis == "queries" for _, axis in panels):
+        handles.append(Line2D([0], [0], color=CLEAN_COLOUR, ls=styles["queries"], lw=1.1,
+                              label="clean, attack-stage images (all)"))
+    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=9)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def size_comparison(table: pd.DataFrame, *, setting: str = "square-linf",
+                    balanced_only: bool = True) -> Figure:
+    """ECE after each attack (top, with the clean ECE as a black tick) and success rate
+    (bottom) per model, a column per architecture family, models small to large.
+
+    Args:
+        table: :func:`calib.analysis.comparison.model_table` (columns model, family, arch,
+            parameters_m, imbalance_ratio, setting, attack, clean_ece, ece_after,
+            success_rate).
+        setting: which attack setting to show.
+        balanced_only: leave out long-tailed models (they have their own figure).
+    """
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    use_style()
+    t = table[table["setting"] == setting]
+    if balanced_only:
+        t = t[t["imbalance_ratio"] == 1]
+    if t.empty:
+        raise ValueError(f"no rows for setting {setting!r}; "
+                         f"have {sorted(table['setting'].unique())}")
+    families = sorted(t["family"].unique())
+    kinds = _kinds_in(t["attack"].str.lower())
+    fig, axes = plt.subplots(2, len(families), figsize=(5.2 * len(families), 6.6),
+                             squeeze=False, sharey="row", layout="constrained")
+    width = 0.8 / len(kinds)
+    for col, family in enumerate(families):
+        f = t[t["family"] == family]
+        models = f.drop_duplicates("model").sort_values("parameters_m")
+        x = np.arange(len(models))
+        for row, (metric, label) in enumerate((("ece_after", "ECE after attack"),
+                                               ("success_rate", "success rate"))):
+            ax = axes[row, col]
+            for i, kind in enumerate(kinds):
+                vals = [f[(f["model"] == m) & (f["attack"] == kind.upper())][metric].mean()
+                        for m in models["model"]]
+                ax.bar(x + (i - (len(kinds) - 1) / 2) * width, vals, width,
+                       color=ATTACK_COLOURS.get(kind, PALETTE[0]))
+            if metric == "ece_after":
+                ax.scatter(x, models["clean_ece"], marker="_", s=900, color=CLEAN_COLOUR,
+                           zorder=3, linewidths=2)
+            ax.set_ylim(0, 1.0 if metric == "success_rate" else None)
+            ax.set_xticks(x, [f"{m}\n{a}\n{p:.2f}M params" for m, a, p in
+                              zip(models["model"], models["arch"], models["parameters_m"],
+                                  strict=True)], fontsize=8)
+            ax.set_ylabel(label)
+            if row == 0:
+                ax.set_title(f"{family} family ({setting})")
+    handles = [Patch(color=ATTACK_COLOURS.get(k, PALETTE[0]), label=k.upper()) for k in kinds]
+    handles.append(Line2D([0], [0], color=CLEAN_COLOUR, lw=2, label="clean ECE"))
+    fig.legend(handles=handles, loc="outside upper center", ncol=len(handles), fontsize=9)
+    return fig
+
+
+def imbalance(per_class: pd.DataFrame, *, balanced: str, long_tailed: str,
+              train_counts: Sequence[int], kinds: Sequence[str] = ("uca", "oca"),
+              class_names: Sequence[str] | None = None) -> Figure:
+    """Head-to-tail view of a balanced and a long-tailed model, two panels a row so that the
+    text reads at page width: training images per class (log scale); clean accuracy and
+    confidence per class; the success rate per class of each attack kind. Rates are drawn on
+    their full 0-1 axis, so a dip is shown at its true size.
+
+    Args:
+        per_class: :func:`calib.analysis.comparison.per_class_table` (model, label,
+            clean_accuracy, clean_confidence, ``<kind>_success``).
+        balanced, long_tailed: the two models' names.
+        train_counts: the long-tailed model's training images per class.
+        kinds: attack kinds with a success-rate panel each.
+        class_names: tick labels (default: class indices).
+    """
+    from matplotlib.lines import Line2D
+
+    use_style()
+    for name in (balanced, long_tailed):
+        if name not in set(per_class["model"]):
+            raise ValueError(f"model {name!r} not in the per-class table; have "
+                             f"{sorted(per_class['model'].unique())}")
+    classes = np.arange(len(train_counts))
+    labels = list(class_names) if class_names is not None else [str(c) for c in classes]
+    n_panels = 2 + len(kinds)
+    n_rows = (n_panels + 1) // 2
+    fig, axes = plt.subplots(n_rows, 2, figsize=(10.0, 3.6 * n_rows + 0.5), squeeze=False,
+                             layout="constrained")
+    axes = axes.flatten()
+    axes[0].bar(classes, train_counts, color=PALETTE[7])
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel("training images")
+    axes[0].set_title(f"{long_tailed}: training images per class")
+    styles = {balanced: ("-", PALETTE[0]), long_tailed: ("--", PALETTE[3])}
+    for model, (ls, colour) in styles.items():
+        m = per_class[per_class["model"] == model].sort_values("label")
+        axes[1].plot(m["label"], m["clean_accuracy"], ls=ls, color=colour, marker="o", ms=4)
+        axes[1].plot(m["label"], m["clean_confidence"], ls=ls, color=colour, marker="^", ms=4,
+                     alpha=0.55)
+        for ax, kind in zip(axes[2:], kinds, strict=False):
+            ax.plot(m["label"], m[f"{kind}_success"], ls=ls, color=colour, marker="o", ms=4)
+    axes[1].set_title("clean accuracy (●) and confidence (▲)")
+    axes[1].set_ylabel("accuracy, confidence")
+    for ax, kind in zip(axes[2:], kinds, strict=False):
+        ax.set_title(f"{kind.upper()} success rate per class")
+        ax.set_ylabel("success rate")
+    for ax in axes[1:n_panels]:
+        ax.set_ylim(0, 1.02)
+    for ax in axes[:n_panels]:
+        ax.set_xticks(classes, labels, rotation=35, fontsize=8, ha="right")
+        ax.set_xlabel("class (head → tail)")
+    for ax in axes[n_panels:]:
+        ax.axis("off")
+    handles = [Line2D([0], [0], ls=ls, color=colour, marker="o", ms=4,
+                      label=f"{model} ({'balanced' if model == balanced else 'long-tailed'})")
+               for model, (ls, colour) in styles.items()]
+    fig.legend(handles=handles, loc="outside lower center", ncol=2, fontsize=9)
+    return fig
+
+
+def mma_bound(bounds: pd.DataFrame) -> Figure:
+    """Achieved MMA ECE and KS per model x setting next to the clean ECE and the bound
+    ``1 - q/K`` (:func:`calib.analysis.claims.mma_bound_table`); the legend sits beside the
+    axes, clear of the bars and of the bound's marks near the top."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    use_style()
+    labels = [f"{r.model}\n{r.setting}" for r in bounds.itertuples()]
+    x = np.arange(len(bounds))
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(bounds) + 2), 4.2),
+                           layout="constrained")
+    ax.bar(x - 0.2, bounds["ece_after"], 0.4, color=ATTACK_COLOURS["mma"])
+    ax.bar(x + 0.2, bounds["ks_after"], 0.4, color=PALETTE[9])
+    ax.scatter(x, bounds["ece_before"], marker="_", s=600, color=CLEAN_COLOUR, zorder=3,
+               linewidths=2)
+    ax.scatter(x, bounds["bound"], marker="_", s=900, color=PALETTE[3], zorder=3, linewidths=2)
+    ax.set_xticks(x, labels, fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("calibration error")
+    handles = [Patch(color=ATTACK_COLOURS["mma"], label="ECE after MMA"),
+               Patch(color=PALETTE[9], label="KS after MMA"),
+               Line2D([0], [0], color=CLEAN_COLOUR, lw=2, label="clean ECE"),
+               Line2D([0], [0], color=PALETTE[3], lw=2, label="bound 1 − q/K")]
+    fig.legend(handles=handles, loc="outside right upper", fontsize=9)
+    ax.set_title("MMA: achieved calibration error against the theoretical bound")
     return fig

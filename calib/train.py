@@ -8,6 +8,7 @@ choice, seeding and prediction live in :mod:`calib.runtime`.
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 from tqdm.auto import tqdm
 
-from calib.checks import check_choice, check_int
+from calib.checks import check_choice, check_int, check_number
 from calib.runtime import data_loader, predict_logits
 
 #: (model, images, labels, optimizer) -> loss; runs forward, backward and optimizer.step().
@@ -185,6 +186,32 @@ def fit(
                        state_dict=best_state)
 
 
+def levelled_off(history: list[dict[str, float]], key: str = "val_loss", *, last: int = 2,
+                 rel_tol: float = 0.05) -> bool:
+    """Whether a training curve has levelled off: ``key`` moved by at most ``rel_tol``
+    (relative to its final value) over each of the last ``last`` epochs.
+
+    Evidence for "trained to convergence" (SPEC §10, fair defences), read off the per-epoch
+    ``history`` of :func:`fit`. False when there are fewer than ``last + 1`` epochs: one or
+    two points cannot show a plateau.
+
+    Args:
+        history: :attr:`TrainResult.history` (one dict per epoch).
+        key: the curve, e.g. "val_loss", "val_accuracy", "train_loss".
+        last: number of final epoch-to-epoch changes that must be small.
+        rel_tol: largest allowed change, as a fraction of the final value.
+    """
+    check_int("last", last, minimum=1)
+    check_number("rel_tol", rel_tol, low=0.0)
+    if len(history) < last + 1:
+        return False
+    if any(key not in row for row in history):
+        raise ValueError(f"history rows lack {key!r}; have {sorted(history[0])}")
+    values = [float(row[key]) for row in history[-(last + 1):]]
+    scale = max(abs(values[-1]), 1e-12)
+    return all(abs(b - a) <= rel_tol * scale for a, b in itertools.pairwise(values))
+
+
 def _labels_of(data: Dataset) -> torch.Tensor:
     labels = getattr(data, "labels", None)
     if isinstance(labels, torch.Tensor):
@@ -199,3 +226,4 @@ def _quick_train_accuracy(model: nn.Module, data: Dataset, device: torch.device,
     logits = predict_logits(model, sub, device=device)
     labels = _labels_of(sub)
     return float((logits.argmax(1) == labels).float().mean())
+

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One-time, re-runnable set-up: virtual environment, pinned packages, the `calib` package,
-# the Jupyter kernel the pipeline runs on, the offline Fashion-MNIST files and headless Chromium.
+# the Jupyter kernel the pipeline runs on, the offline Fashion-MNIST files, headless Chromium
+# and Slurm + munge (for the scale-out test).
 # A second run reuses what is there (each step is skipped when its stamp is current).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,11 +24,14 @@ fi
 
 # 2. Pinned packages (re-installed only when requirements.txt changes).
 stamp="$VENV/.calib-requirements.sha256"
-want=$(sha256sum requirements.txt pyproject.toml | sha256sum | cut -d' ' -f1)
+want=$(sha256sum requirements.txt requirements-nodeps.txt pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "setup: installing pinned packages (first run downloads about 5 GB: torch wheels)"
   "$VENV/bin/python" -m pip install --quiet --upgrade pip
   "$VENV/bin/python" -m pip install --quiet -r requirements.txt
+  # robustbench pins an older timm than ours: installed without its dependencies (they are in
+  # requirements.txt, less timm); see requirements-nodeps.txt
+  "$VENV/bin/python" -m pip install --quiet --no-deps -r requirements-nodeps.txt
   "$VENV/bin/python" -m pip install --quiet --no-deps --no-build-isolation -e .
   echo "$want" > "$stamp"
 fi
@@ -68,6 +72,20 @@ if ! command -v chromium >/dev/null 2>&1; then
     echo "setup: chromium not found and apt is not usable as root here;"
     echo "       the report's browser tests will skip (and fail where CI is set)."
     echo "       Run 'sudo apt-get install chromium', or set CHROMIUM=/path/to/chromium."
+  fi
+fi
+# 6. Slurm and munge for the scale-out test (tests/test_launch.py starts a one-node cluster of
+#    its own; nothing is started or configured here): Debian's slurm-wlm and munge packages.
+if ! command -v slurmctld >/dev/null 2>&1 || ! command -v munged >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup: installing the Debian packages slurm-wlm and munge (the Slurm launch test)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -q slurm-wlm munge >/dev/null 2>&1 || {
+      apt-get update -q >/dev/null && apt-get install -y -q slurm-wlm munge >/dev/null; } || \
+      echo "setup: apt could not install slurm-wlm munge; the Slurm test will skip (fail on CI)"
+  else
+    echo "setup: slurm-wlm/munge not found and apt is not usable as root here;"
+    echo "       the Slurm launch test will skip (and fail where CI is set)."
   fi
 fi
 echo "setup: ready ($("$VENV/bin/python" -c 'import torch, torchvision, timm; print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, timm {timm.__version__}")'))"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 import warnings
+from dataclasses import replace
 
 import pytest
 import torch
@@ -531,3 +532,55 @@ def test_table1_reports_queries_and_norms(trained) -> None:
                    "queries_success_mean", "queries_success_median", "linf_mean", "l2_mean"):
         assert column in table.columns, column
     assert table.loc[0, "linf_mean"] <= 0.05 + 1e-6
+
+
+# --- outcomes measured by a fresh forward pass (SPEC §10: "measured, not assumed") -----------
+
+def test_reevaluate_agrees_with_the_attack_on_the_attacked_model():
+    from tiny_models import centred_conv, images
+
+    from calib.attacks.base import reevaluate
+
+    model, x = centred_conv(0), images(3, 16)
+    result = run_attack(model, x, kind="uca", method="square", eps=0.2, iterations=30, seed=1)
+    fresh = reevaluate(result, model)
+    assert torch.equal(fresh.final_prediction, result.clean_prediction)
+    assert torch.allclose(fresh.final_confidence, result.final_confidence, atol=1e-5)
+    assert torch.equal(fresh.success, result.success)
+    assert fresh.summary()["label_preserved"] == 1.0
+
+
+def test_reevaluate_catches_a_changed_label():
+    from tiny_models import centred_conv, images
+
+    from calib.attacks.base import reevaluate
+
+    model, x = centred_conv(0), images(3, 16)
+    result = run_attack(model, x, kind="oca", method="pgd", eps=0.2, iterations=3)
+    with torch.no_grad():
+        pred = model(x).argmax(1)
+    donor = next(i for i in range(1, 16) if pred[i] != pred[0])
+    forged = replace(result, x_adv=torch.cat([x[donor:donor + 1], result.x_adv[1:]]),
+                     success=torch.ones_like(result.success))
+    fresh = reevaluate(forged, model)
+    assert fresh.final_prediction[0] != fresh.clean_prediction[0]
+    assert not fresh.success[0]
+    assert fresh.summary()["label_preserved"] == pytest.approx(15 / 16)
+
+
+def test_reevaluate_scores_a_transfer_on_another_model():
+    from tiny_models import centred_conv, images
+
+    from calib.attacks.base import reevaluate
+    from calib.defences.posthoc import CalibratedModel, TemperatureScaling
+
+    base, x = centred_conv(0), images(3, 16)
+    scaled = TemperatureScaling()
+    scaled.temperature = 3.0
+    defended = CalibratedModel(base, scaled).eval()
+    result = run_attack(base, x, kind="oca", method="pgd", eps=0.2, iterations=5)
+    fresh = reevaluate(result, defended)
+    with torch.no_grad():
+        want = torch.softmax(base(result.x_adv) / 3.0, 1).max(1).values
+    assert torch.allclose(fresh.final_confidence, want, atol=1e-5)
+    assert torch.equal(fresh.final_prediction, result.clean_prediction)

@@ -208,3 +208,105 @@ def test_check_deterministic() -> None:
         assert checks.check_deterministic(nn.Sequential(nn.Flatten(), nn.Linear(4, 3)), x)
     with pytest.warns(UserWarning, match="different outputs"):
         assert not checks.check_deterministic(_Noisy(), x)
+
+
+# --- gradient masking (issue: white-box attacks must say when their gradients vanish) --------
+
+class _Quantised(nn.Module):
+    """Logits rounded to integers: the forward pass works, every input gradient is 0."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.round(self.inner(x) * 4)
+
+
+class _ClampedAbove(nn.Module):
+    """Probabilities clamped at a ceiling (as a spline calibrator's output at 1): inputs whose
+    clean confidence is above the ceiling get no gradient, the others keep theirs."""
+
+    def __init__(self, inner: nn.Module, ceiling: float) -> None:
+        super().__init__()
+        self.inner, self.ceiling = inner, ceiling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.inner(x)
+        top = torch.softmax(logits, 1).max(1, keepdim=True).values
+        return torch.where(top > self.ceiling, logits.detach(), logits)
+
+
+def test_vanishing_gradients_per_sample() -> None:
+    grad = torch.stack([torch.zeros(1, 2, 2), torch.full((1, 2, 2), 1e-17),
+                        torch.full((1, 2, 2), 1e-3), torch.full((1, 2, 2), math.nan)])
+    assert checks.vanishing_gradients(grad).tolist() == [True, True, False, True]
+
+
+def test_check_zero_gradients_warns_with_the_fraction_and_a_remedy() -> None:
+    with pytest.warns(checks.GradientMaskingWarning, match=r"3 of 4 samples \(75\.0%\)") as rec:
+        assert checks.check_zero_gradients(torch.tensor([True, True, True, False]),
+                                           context="PGD L-inf UCA") == 0.75
+    message = str(rec[0].message)
+    assert "BPDA" in message and "black-box" in message and "PGD L-inf UCA" in message
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert checks.check_zero_gradients(torch.zeros(5, dtype=torch.bool), context="x") == 0
+
+
+def test_pgd_warns_on_a_model_with_quantised_logits() -> None:
+    from tiny_models import centred_conv, images
+
+    from calib.attacks.pgd import pgd_attack
+
+    model = _Quantised(centred_conv(0))
+    with pytest.warns(checks.GradientMaskingWarning, match="PGD L-inf UCA"):
+        result = pgd_attack(model, images(1, 12), kind="uca", eps=0.1, iterations=3)
+    assert result.zero_gradient.tolist() == [True] * 12
+    assert result.summary()["zero_gradient_fraction"] == 1.0
+
+
+def test_pgd_names_only_the_masked_samples() -> None:
+    from tiny_models import centred_conv, images
+
+    from calib.attacks.pgd import pgd_attack
+
+    inner, x = centred_conv(0), images(1, 40)
+    with torch.no_grad():
+        confidence = torch.softmax(inner(x), 1).max(1).values
+    ceiling = float(confidence.median())
+    with pytest.warns(checks.GradientMaskingWarning):
+        result = pgd_attack(_ClampedAbove(inner, ceiling), x, kind="oca", eps=0.1,
+                            iterations=2)
+    assert torch.equal(result.zero_gradient, confidence > ceiling)
+
+
+def test_pgd_on_an_ordinary_model_raises_no_masking_warning() -> None:
+    from tiny_models import centred_conv, images
+
+    from calib.attacks.pgd import pgd_attack, pgd_linf
+
+    model, x = centred_conv(0), images(1, 12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", checks.GradientMaskingWarning)
+        result = pgd_attack(model, x, kind="uca", eps=0.1, iterations=3)
+        pgd_linf(model, x, model(x).argmax(1), eps=0.1, alpha=0.02, steps=2)
+    assert result.summary()["zero_gradient_fraction"] == 0.0
+
+
+def test_ordinary_pgd_warns_and_adversarial_training_does_not() -> None:
+    from tiny_models import centred_conv, images
+
+    from calib.attacks.pgd import pgd_linf
+    from calib.defences.training import PGDATStep
+
+    model, x = _Quantised(centred_conv(0)), images(1, 8)
+    labels = torch.zeros(8, dtype=torch.long)
+    with pytest.warns(checks.GradientMaskingWarning, match="ordinary PGD"):
+        pgd_linf(model, x, labels, eps=0.1, alpha=0.02, steps=2)
+    trainable = centred_conv(1).train()
+    step = PGDATStep(eps=0.1, alpha=0.02, steps=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", checks.GradientMaskingWarning)
+        step(_Quantised(trainable), x, labels,
+             torch.optim.SGD(trainable.parameters(), lr=0.0))

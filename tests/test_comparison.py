@@ -6,8 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from calib import metrics
+from calib import metrics, plots
 from calib.analysis import comparison
+from calib.attacks import KINDS
 from calib.plots import save_figure
 
 
@@ -15,7 +16,7 @@ def _attack_metrics(ece_after):
     return {"attacks": {f"square-linf/{k}": {
         "kind": k, "setting": "square-linf", "ece_before": 0.02, "ece_after": ece_after,
         "ks_after": ece_after, "confidence_after": 0.6, "success_rate": 0.8,
-        "queries_success_median": 20.0} for k in comparison.KINDS}}
+        "queries_success_median": 20.0} for k in KINDS}}
 
 
 CLEAN = {"resnet": {"arch": "resnet18", "parameters": 11_000_000, "accuracy": 0.91,
@@ -35,13 +36,13 @@ def test_model_table_orders_by_family_imbalance_and_size(tmp_path):
     order = table.drop_duplicates("model")["model"].tolist()
     assert order == ["resnet_small", "resnet", "resnet_lt", "vit"]
     assert table.loc[table["model"] == "resnet_lt", "imbalance_ratio"].eq(100).all()
-    fig = comparison.size_figure(table)
+    fig = plots.size_comparison(table)
     save_figure(fig, tmp_path / "size.png")
     assert (tmp_path / "size.png").stat().st_size > 1000
     with pytest.raises(ValueError, match="lacks clean metrics"):
         comparison.model_table({"other": _attack_metrics(0.1)}, CLEAN)
     with pytest.raises(ValueError, match="no rows for setting"):
-        comparison.size_figure(table, setting="pgd-l2")
+        plots.size_comparison(table, setting="pgd-l2")
 
 
 def _records(seed=0, n=60):
@@ -70,12 +71,12 @@ def test_per_class_table_matches_a_direct_computation(tmp_path):
         assert row["clean_accuracy"] == pytest.approx((mine["label"] == mine["prediction"]).mean())
         assert row["uca_success"] == pytest.approx(mine["success"].mean())
         assert row["n"] == len(mine)
-    fig = comparison.imbalance_figure(table, balanced="resnet", long_tailed="resnet_lt",
-                                      train_counts=[100, 10, 1])
+    fig = plots.imbalance(table, balanced="resnet", long_tailed="resnet_lt",
+                          train_counts=[100, 10, 1])
     save_figure(fig, tmp_path / "imb.png")
     with pytest.raises(ValueError, match="not in the per-class table"):
-        comparison.imbalance_figure(table, balanced="vit", long_tailed="resnet_lt",
-                                    train_counts=[1, 1, 1])
+        plots.imbalance(table, balanced="vit", long_tailed="resnet_lt",
+                        train_counts=[1, 1, 1])
     with pytest.raises(ValueError, match="lack columns"):
         comparison.per_class_table(records.drop(columns=["success"]))
 

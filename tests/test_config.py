@@ -52,7 +52,7 @@ MISSPELT = [
      "pgd_alpha"),
     (("atack",), {"eps": 0.1},
      "atack: unknown key; did you mean 'attack'? allowed at the top level: profile, seed, "
-     "device, data, models, attack, defend, sweep, analysis"),
+     "device, data, models, train, attack, defend, sweep, analysis"),
     (("models", "resnet", "train", "epoch"), 9,
      "models.resnet.train.epoch: unknown key; did you mean 'epochs'? allowed in "
      "models.resnet.train: epochs, batch_size, optimizer, lr, weight_decay, warmup_epochs, "
@@ -96,8 +96,8 @@ def test_an_unknown_defence_in_the_options_is_refused(params):
     (("defend", "mdts_val_size"), 1.5, "defend.mdts_val_size: must be an integer >= 1, got 1.5"),
     (("data", "mirror"), None, "data.mirror: must be a string, got None"),
     (("data", "checksums"), False, "data.checksums: must be a string, got False"),
-    (("defend", "options", "aaa", "bpda"), "yes",
-     "defend.options.aaa.bpda: must be true or false, got 'yes'"),
+    (("models", "resnet", "pretrained"), "yes",
+     "models.resnet.pretrained: must be true or false, got 'yes'"),
     (("defend", "options", "aaa", "steps"), 2.5,
      "defend.options.aaa.steps: must be an integer >= 0, got 2.5"),
     (("defend", "finetune"), 3, "defend.finetune: must be a mapping, got 3"),
@@ -155,7 +155,7 @@ def test_an_unknown_defence_in_the_options_is_refused(params):
     (("defend", "defences"), ["none", "dropout"],
      "defend.defences[1]: 'dropout' is not allowed; choose one of ['none', 'temperature', "
      "'spline', 'cs', 'aaa', 'mdts', 'finetune', 'label_smoothing', 'dca', 'sam', 'pgd_at', "
-     "'caat']"),
+     "'caat', 'robustbench']"),
     (("defend", "defences"), [], "defend.defences: must not be empty"),
     (("defend", "defences"), ["cs", "cs"], "defend.defences: lists ['cs'] more than once"),
     (("analysis", "models"), [], "analysis.models: must not be empty"),
@@ -320,8 +320,8 @@ def test_sweep_settings_are_linf_only(params):
     ("spline", "n_knots", 2), ("aaa", "tau", 0.0), ("aaa", "lr", 0.0), ("aaa", "steps", -1),
     ("aaa", "calib_weight", -0.1), ("mdts", "ridge", -0.1),
     ("label_smoothing", "smoothing", 1.0), ("dca", "beta", -0.1), ("sam", "rho", 0.0),
-    ("pgd_at", "eps", 1.5), ("pgd_at", "alpha", 0.0), ("pgd_at", "steps", -1),
-    ("caat", "eps", 0.0), ("caat", "iterations", 0), ("caat", "alpha", 0.0),
+    ("pgd_at", "alpha", 0.0), ("pgd_at", "steps", -1),
+    ("caat", "iterations", 0), ("caat", "alpha", 0.0),
 ])
 def test_defence_option_ranges_match_the_constructors(params, defence, option, value):
     from calib.defences.evaluate import check_options

@@ -15,16 +15,22 @@ from calib.checks import parameters_snapshot, parameters_unchanged
 from calib.data import LabeledImages
 from calib.defences import POSTHOC, TRAINING_DEFENCES
 from calib.defences.evaluate import (
-    DEFENCES,
+    DEFENCES as ALL_DEFENCES,
+)
+from calib.defences.evaluate import (
     POSTHOC_DEFENCES,
+    ROBUST_MODELS,
     TRAINING_TIME_DEFENCES,
     FineTune,
+    StraightThrough,
+    adaptive_reason,
     attacked_domains,
     build_defence,
     check_options,
     defence_family,
     evaluate_defence,
     findings,
+    white_box_attacks,
 )
 from calib.runtime import predict_logits
 
@@ -33,8 +39,10 @@ EPS = 0.1
 #: Tiny budgets; the training-time defences' own attacks are shortened too.
 GRID = AttackGrid(settings=("square-linf", "pgd-linf"), kinds=KINDS, eps_linf=EPS,
                   square_iterations=4, pgd_iterations=2, pgd_alpha=0.05)
-OPTIONS = {"aaa": {"steps": 10, "bpda": True}, "pgd_at": {"steps": 2},
+OPTIONS = {"aaa": {"steps": 10}, "pgd_at": {"steps": 2},
            "caat": {"iterations": 2}}
+#: The defences of a checkpoint; a robust model brings its own (tests/test_robustbench.py).
+DEFENCES = tuple(d for d in ALL_DEFENCES if d not in ROBUST_MODELS)
 
 
 def _images(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,12 +170,14 @@ def test_posthoc_and_none_keep_the_clean_predictions(setup, evaluations):
 
 
 def test_white_box_labels(setup, evaluations):
-    assert evaluations["aaa"][0].white_box == "bpda"
+    assert evaluations["aaa"][0].white_box == "masked"
     assert evaluations["cs"][0].white_box == "T held constant"
+    assert evaluations["spline"][0].white_box == "exact, clamped"
     assert evaluations["temperature"][0].white_box == "exact"
     assert evaluations["caat"][0].white_box == "exact"
-    masked = build_defence("aaa", setup["model"], options={"steps": 5, "bpda": False})
-    assert masked.white_box == "masked"
+    bpda = build_defence("aaa", setup["model"], options={"steps": 5, "bpda": True},
+                         val_logits=setup["val_logits"], val_labels=setup["val_y"])
+    assert bpda.white_box == "bpda"
 
 
 def test_training_time_defences_fine_tune_a_copy(setup, evaluations):
@@ -205,8 +215,14 @@ def test_every_defence_is_attacked_without_changing_a_label(evaluations, name):
         assert s["accuracy_after"] == s["accuracy_before"]
         assert s["linf_max"] <= EPS + 1e-6
         assert 0.0 <= s["ece_after"] <= 1.0 and 0.0 <= s["ks_after"] <= 1.0
-        expected = defended.white_box if s["setting"].startswith("pgd") else None
-        assert s["white_box"] == expected
+        if not s["setting"].startswith("pgd"):
+            assert s["white_box"] is None
+            continue
+        # The strongest of the defence's white-box attacks, each scored on the defended model.
+        attacks = white_box_attacks(defended)
+        assert s["white_box"] in {defended.white_box, *attacks[1:]}
+        tried = {a: s[f"ece_after_{a}"] for a in attacks}
+        assert s["ece_after"] == max(tried.values())
     records = ev.run.records(torch.arange(100, 112))
     assert len(records) == 12 * len(ev.run.results)
     assert records["index"].min() == 100 and set(records["kind"]) == set(KINDS)
@@ -240,7 +256,8 @@ def test_table4_rows_and_order(table):
     assert list(first["attack"]) == ["UCA", "OCA", "MMA", "RCA"]
     assert (table["acc_before"] == table["acc_after"]).all()
     assert table.loc[table["setting"] == "square-linf", "white_box"].isna().all()
-    assert set(table.loc[table["defence"] == "aaa", "white_box"].dropna()) == {"bpda"}
+    assert set(table.loc[table["defence"] == "aaa", "white_box"].dropna()) <= {
+        "masked", "bpda", "transfer"}
     for column in ("ece_before", "ece_after", "ks_before", "ks_after", "success_rate"):
         assert column in table
 
@@ -260,7 +277,7 @@ def test_findings_come_from_the_table(table):
     best = pgd.groupby("defence", sort=False)["ece_after"].mean().idxmin()
     assert f"**{best}**" in lines[0]
     assert any(line.startswith("**CS**") for line in lines)
-    assert any(line.startswith("**AAA**") and "bpda" in line for line in lines)
+    assert any(line.startswith("**AAA**") and "winning:" in line for line in lines)
     assert findings(table[table["defence"] != "none"])  # works without the reference too
     assert findings(table.iloc[0:0]) == ["No defence was evaluated."]
     with pytest.raises(ValueError, match="one model"):
@@ -278,3 +295,104 @@ def test_heatmap_figure(table, tmp_path):
     assert (tmp_path / "t4.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="one model"):
         plots.defence_ece_heatmap(pd.concat([table, table.assign(model="other")]))
+
+
+# ---- adaptive white-box attacks --------------------------------------------------------------
+
+def test_white_box_attacks_per_defence(evaluations):
+    assert white_box_attacks(evaluations["none"][0]) == ("exact",)
+    assert white_box_attacks(evaluations["temperature"][0]) == ("exact",)
+    assert white_box_attacks(evaluations["caat"][0]) == ("exact",)
+    assert white_box_attacks(evaluations["spline"][0]) == ("exact", "bpda")
+    assert white_box_attacks(evaluations["cs"][0]) == ("exact", "bpda")
+    assert white_box_attacks(evaluations["aaa"][0]) == ("exact", "bpda", "transfer")
+    for name in DEFENCES:
+        assert adaptive_reason(evaluations[name][0]).endswith(".")
+
+
+def test_straight_through_keeps_the_value_and_takes_the_base_gradient(setup, evaluations):
+    defended = evaluations["aaa"][0]
+    base, recal = defended.model.model, defended.recalibrator
+    x = setup["test_x"][:4].clone().requires_grad_(True)
+    surrogate = StraightThrough(base, recal)
+    out = surrogate(x)
+    torch.testing.assert_close(out.detach(), defended.model(x).detach())
+    (grad,) = torch.autograd.grad(out[:, 0].sum(), x)
+    (want,) = torch.autograd.grad(base(x)[:, 0].sum(), x)
+    torch.testing.assert_close(grad, want)
+    (masked,) = torch.autograd.grad(defended.model(x)[:, 0].sum(), x, allow_unused=True)
+    assert masked is None or float(masked.abs().max()) == 0.0  # what exact PGD sees
+
+
+def test_the_exact_attack_on_aaa_is_named_masked_not_exact(evaluations):
+    _, ev = evaluations["aaa"]
+    white = [s for s in ev.summaries if s["setting"].startswith("pgd")]
+    assert white and all(s["white_box"] != "exact" for s in white)
+    assert all(s["zero_gradient_fraction"] == 1.0 or s["white_box"] != "masked"
+               for s in white)
+
+
+def test_robust_accuracy_under_ordinary_pgd(setup):
+    from calib.defences.evaluate import robust_accuracy
+
+    x, y = setup["test_x"], setup["test_y"]
+    model = setup["model"]
+    clean = predict_logits(model, x).argmax(1) == y
+    robust = robust_accuracy(model, x, y, eps=0.3, steps=10)
+    assert robust.dtype == torch.bool and robust.shape == y.shape
+    assert not (robust & ~clean).any()  # PGD starts near the clean image: no new right answers
+    assert robust.float().mean() < clean.float().mean()  # a big eps breaks some
+    none = robust_accuracy(model, x, y, eps=1e-6, steps=2)
+    assert torch.equal(none, clean)
+    assert torch.equal(robust_accuracy(model, x, y, eps=0.3, steps=10), robust)  # seeded
+
+
+def test_adversarial_training_trains_at_the_evaluation_eps():
+    from calib.defences.evaluate import options_at
+
+    assert options_at("pgd_at", {"alpha": 0.01, "steps": 3}, eps=0.07)["eps"] == 0.07
+    assert options_at("caat", {}, eps=0.1) == {"eps": 0.1}
+    assert options_at("cs", {}, eps=0.1) == {}
+    with pytest.raises(ValueError, match="trains at the evaluation's eps"):
+        options_at("pgd_at", {"eps": 0.03}, eps=0.1)
+    with pytest.raises(ValueError, match="unknown"):
+        options_at("pgd_at", {"epz": 0.03}, eps=0.1)
+
+
+def test_mdts_rows_say_whether_their_attack_made_the_domains(evaluations):
+    _, ev = evaluations["mdts"]
+    seen = {s["setting"]: s["attack_seen_in_fit"] for s in ev.summaries}
+    assert seen == {"square-linf": False, "pgd-linf": True}
+    assert all(s["attack_seen_in_fit"] is None for s in evaluations["cs"][1].summaries)
+
+
+def test_training_evidence_says_whether_adversarial_training_worked():
+    from calib.defences.evaluate import training_evidence
+
+    n = 200
+    base = [1] * 40 + [0] * (n - 40)                   # 20% robust undefended
+    strong = [1] * 120 + [0] * (n - 120)               # 60%: clearly above
+    same = list(base)                                  # no gain: within noise
+    runs = {"none": {"family": "none", "robust": {"eps": 0.1, "steps": 20, "correct": base},
+                     "levelled_off": None},
+            "pgd_at": {"family": "training", "levelled_off": {"val_loss": True,
+                                                               "val_accuracy": True},
+                       "robust": {"eps": 0.1, "steps": 20, "correct": strong}},
+            "caat": {"family": "training", "levelled_off": {"val_loss": False,
+                                                             "val_accuracy": True},
+                     "robust": {"eps": 0.1, "steps": 20, "correct": same}},
+            "cs": {"family": "posthoc", "robust": None, "levelled_off": None}}
+    table = training_evidence(runs, n_resamples=300).set_index("defence")
+    assert list(table.index) == ["none", "pgd_at", "caat"]
+    assert table.loc["pgd_at", "verdict"] == "worked" and table.loc["pgd_at", "outcome"] == "higher"
+    assert table.loc["caat", "verdict"] == "failed"
+    assert table.loc["caat", "outcome"] == "within noise"
+    assert table.loc["caat", "levelled_off"] == "val_accuracy"
+    assert table.loc["pgd_at", "levelled_off"] == "val loss and accuracy"
+    assert table.loc["pgd_at", "robust_accuracy"] == pytest.approx(0.6)
+    with pytest.raises(ValueError, match="reference"):
+        training_evidence({"pgd_at": runs["pgd_at"]})
+    odd = {**runs, "dca": {"family": "training", "levelled_off": None,
+                           "robust": {"eps": 0.05, "steps": 20, "correct": base}}}
+    with pytest.raises(ValueError, match="eps or images differ"):
+        training_evidence(odd)

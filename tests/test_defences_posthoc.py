@@ -310,3 +310,26 @@ def test_calibrated_model_through_aaa_masks_or_passes_gradients():
     assert grad.abs().sum() > 0
     with torch.inference_mode():
         assert masked(x.detach()).shape == (3, 3)
+
+
+def test_aaa_anchor_uses_a_fitted_temperature_as_released():
+    """The released AAA anchors the confidence at softmax(z / T), T tuned on validation data."""
+    g = torch.Generator().manual_seed(3)
+    z_val = 4 * torch.randn(400, 5, generator=g)
+    y_val = torch.where(torch.rand(400, generator=g) < 0.6, z_val.argmax(1),
+                        torch.randint(0, 5, (400,), generator=g))  # overconfident logits
+    aaa = AAA(steps=60, tau=4.0).fit(z_val, y_val)
+    ts = TemperatureScaling().fit(z_val, y_val)
+    assert aaa.fitted and aaa.temperature == pytest.approx(ts.temperature)
+    assert aaa.temperature > 1.2 and aaa.params()["temperature_fitted"] is True
+    z = 4 * torch.randn(64, 5, generator=g)
+    raw = z.softmax(1).max(1).values
+    scaled = ts(z).softmax(1).max(1).values
+    anchored = aaa(z).softmax(1).max(1).values
+    unfitted = AAA(steps=60, tau=4.0)(z).softmax(1).max(1).values
+    # Fitted, AAA's confidences follow the temperature-scaled ones, not the raw ones.
+    assert (anchored - scaled).abs().mean() < (anchored - raw).abs().mean()
+    assert (unfitted - raw).abs().mean() < (unfitted - scaled).abs().mean()
+    assert torch.equal(aaa(z).argmax(1), z.argmax(1))
+    with pytest.raises(ValueError, match="temperature"):
+        AAA(temperature=0.0)

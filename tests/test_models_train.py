@@ -166,3 +166,17 @@ def test_augment_batch_crops_and_flips_per_sample():
     # Every output pixel is either padding (0) or a pixel of the same image.
     for i in range(2):
         assert set(out[i].unique().tolist()) <= set(x[i].unique().tolist()) | {0.0}
+
+
+def test_levelled_off_reads_the_last_epochs():
+    from calib.train import levelled_off
+
+    flat = [{"val_loss": v} for v in (1.0, 0.5, 0.41, 0.40, 0.40)]
+    falling = [{"val_loss": v} for v in (1.0, 0.8, 0.6, 0.4)]
+    assert levelled_off(flat, "val_loss", last=2, rel_tol=0.05)
+    assert not levelled_off(falling, "val_loss", last=2, rel_tol=0.05)
+    assert not levelled_off(flat[:2], "val_loss", last=2)  # two points show no plateau
+    with pytest.raises(ValueError, match="lack 'val_accuracy'"):
+        levelled_off(flat, "val_accuracy")
+    with pytest.raises(ValueError, match="last"):
+        levelled_off(flat, last=0)

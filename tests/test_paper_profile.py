@@ -30,6 +30,7 @@ from fake_data import write_caltech101, write_checksums_json, write_cifar100, wr
 from pipeline_repo import ROOT, env, make_repo, run, stage_seconds, write_params
 
 from calib import data
+from calib.io import read_metrics
 from calib.profiles import deep_merge, render_profile
 
 pytestmark = pytest.mark.slow
@@ -52,10 +53,13 @@ CPU_SCALE: dict = {
                "finetune": {"epochs": 1, "subset": 2, "batch_size": 2},
                "options": {"aaa": {"steps": 2}, "pgd_at": {"steps": 1},
                            "caat": {"iterations": 1}}},
-    "sweep": {"eps": [0.05], "n_images": 1, "square_iterations": 1, "pgd_iterations": 1},
+    "sweep": {"eps": [0.05], "n_images": 1, "square_iterations": 1, "budgets": [1, 2],
+              "pgd_iterations": 1},
+    "train": {"seeds": 2},
     "analysis": {"representations": {"n_fit": 10, "n_arrows": 2},
                  "saliency": {"n_examples": 1},
-                 "detection": {"n_fit": 10, "lid_k": 2}},
+                 "detection": {"n_fit": 10, "lid_k": 2},
+                 "claims": {"bound_images": 2, "bound_iterations": 1}},
 }
 
 #: Per dataset: the models whose train and attack stages run (CIFAR-100: the whole pipeline).
@@ -180,7 +184,7 @@ def test_models_are_the_paper_architectures_at_224_px(paper_repos, dataset):
         logits = load_tensors(repo / f"models/{model}/logits.safetensors")
         assert logits["test_logits"].shape == (splits["test"].numel(), NUM_CLASSES[dataset])
         assert logits["val_logits"].shape == (splits["val"].numel(), NUM_CLASSES[dataset])
-        clean = _json(repo / f"results/{model}/clean_metrics.json")
+        clean = read_metrics(repo / f"results/{model}/clean_metrics.json")
         assert clean["n"] == int(splits["test"].numel())
         assert len(clean["train_class_counts"]) == NUM_CLASSES[dataset]
         assert clean["environment"]["device"] == "cpu"
@@ -193,7 +197,7 @@ def test_attacks_keep_labels_on_224_px_inputs(paper_repos, dataset):
     repo = paper_repos[dataset]
     eps = render_profile("paper", ROOT / "profiles")["attack"]["eps"]
     for model in _attacked_models(dataset):
-        metrics = _json(repo / f"results/{model}/attack_metrics.json")
+        metrics = read_metrics(repo / f"results/{model}/attack_metrics.json")
         assert metrics["n"] == 2 and len(metrics["attacks"]) == 12
         for name, s in metrics["attacks"].items():
             assert s["label_preserved"] == 1.0, (model, name)
@@ -208,8 +212,10 @@ def test_attacks_keep_labels_on_224_px_inputs(paper_repos, dataset):
 @pytest.mark.parametrize("dataset", sorted(TARGETS))
 def test_long_tailed_model_trains_on_a_long_tailed_subset(paper_repos, dataset):
     results = paper_repos[dataset] / "results"
-    counts = torch.tensor(_json(results / "resnet_lt/clean_metrics.json")["train_class_counts"])
-    balanced = torch.tensor(_json(results / "resnet/clean_metrics.json")["train_class_counts"])
+    counts = torch.tensor(
+        read_metrics(results / "resnet_lt/clean_metrics.json")["train_class_counts"])
+    balanced = torch.tensor(
+        read_metrics(results / "resnet/clean_metrics.json")["train_class_counts"])
     assert counts.numel() == NUM_CLASSES[dataset] and int(counts.sum()) >= 1
     assert bool((counts <= balanced).all())
     assert set(torch.nonzero(counts).flatten().tolist()) <= set(torch.nonzero(balanced)
@@ -233,7 +239,7 @@ def test_every_cifar100_stage_ran_and_the_pipeline_is_up_to_date(paper_repos):
         tidy = pd.read_csv(repo / f"results/{model}/fig2_eps.csv")
         assert (tidy["label_preserved"] == 1).all()
     table2 = pd.read_csv(repo / f"results/{params['analysis']['detection']['model']}/table2.csv")
-    assert set(table2["detector"]) == {"mahalanobis", "lid"}
+    assert set(table2["detector"]) == {"mahalanobis", "lid", "spectral"}
     for model in params["analysis"]["models"]:
         for name in ("representations.csv", "saliency.csv"):
             assert len(pd.read_csv(repo / f"results/{model}/{name}")) > 0, (model, name)

@@ -93,7 +93,8 @@ def test_stage_declares_exactly_the_params_it_reads(name, stage):
     cmd = cmd.replace("${key}", "KEY").replace("${item.", "${models.KEY.")
     used = set(re.findall(r"\$\{([^}]+)\}", cmd))
     used |= set(re.findall(r"-P \w+ ([\w.]+)", cmd))
-    declared = {p.replace("${key}", "KEY") for p in stage.get("params", []) if isinstance(p, str)}
+    declared = {re.sub(r"\$\{item\.\w+\}", "ITEM", p.replace("${key}", "KEY"))
+                for p in stage.get("params", []) if isinstance(p, str)}
     covered = {u for u in used if any(u == d or u.startswith(d + ".") for d in declared)}
     assert covered == used, f"{name}: reads {sorted(used - covered)} without declaring them"
     unused = {d for d in declared if not any(u == d or u.startswith(d + ".") for u in used)}

@@ -19,12 +19,12 @@ from tiny_models import labelled_images
 from tiny_models import seeded_conv as tiny_model
 from torch import nn
 
+from calib import plots
 from calib.analysis import sweeps
 from calib.attacks import KINDS
 from calib.attacks.grid import AttackGrid, GridRun, run_grid
 from calib.config import ConfigError, check_params
 from calib.io import write_json
-from calib.plots import save_figure
 from calib.profiles import render_profile
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -325,26 +325,6 @@ def test_wide_tables_keep_every_value_and_sort_x(grid, kinds, seed):
 
 # --- figure ------------------------------------------------------------------------------------
 
-def test_sweep_figure_layout_and_determinism(mini_sweep, runs, tmp_path):
-    tidy = sweeps.collect_sweep(mini_sweep["folder"])
-    curves = runs.curves(model_name="tiny", points=6)
-    fig = sweeps.sweep_figure(tidy, curves, eps_marks={"paper": 0.05}, title="tiny")
-    axes = np.array(fig.axes).reshape(3, 4)
-    for ax in axes.flat:
-        labels_drawn = [line.get_label() for line in ax.get_lines()]
-        assert [x for x in labels_drawn if not x.startswith("_")] == \
-            [k.upper() for k in KINDS] + ["clean"]
-    assert axes[0, 0].get_ylabel() == "ECE" and axes[2, 0].get_ylabel() == "average confidence"
-    paths = [tmp_path / "a.png", tmp_path / "b.png"]
-    save_figure(fig, paths[0], close=False)
-    save_figure(fig, paths[1])
-    assert paths[0].read_bytes() == paths[1].read_bytes()
-    without = sweeps.sweep_figure(tidy, None, settings=["pgd-linf"], metrics=("ece",))
-    assert len(without.axes) == 1
-    with pytest.raises(ValueError, match="metrics"):
-        sweeps.sweep_figure(tidy, None, metrics=("queries",))
-
-
 # --- params.yaml -------------------------------------------------------------------------------
 
 def _params(**sweep):
@@ -403,7 +383,7 @@ def test_findings_read_the_tables(mini_sweep, runs):
         mine = [line for line in lines if line.startswith(setting)]
         assert len(mine) == 4, mine
         assert f"ECE {clean:.3f} clean" in mine[0]
-        assert "of a budget of 13" in mine[3]
+        assert "run's trajectory (not the outcome of shorter runs)" in mine[3]
     assert len(sweeps.findings(tidy, None, paper_eps=0.3)) == 2 * len(sweeps.SWEEP_SETTINGS)
 
 
@@ -422,3 +402,92 @@ def test_pgd_history_prefix_is_a_shorter_run(mini_sweep, runs):
     np.testing.assert_allclose(check["sweep"], check["curve"], atol=1e-12)
     with pytest.raises(ValueError, match="grid"):
         sweeps.cross_check(tidy, curves, 0.3)
+
+
+# --- dedicated budget runs (Fig. 2's query axis) -----------------------------------------------
+
+BUDGETS = (4, 10)
+
+
+@pytest.fixture(scope="module")
+def mini_budgets(tmp_path_factory, mini_sweep) -> dict:
+    """Square runs at two budgets, each its own run (as a user choosing that budget)."""
+    root = tmp_path_factory.mktemp("budget-results")
+    rows = {}
+    for budget in BUDGETS:
+        b = sweeps.SweepBudget(square_iterations=budget, square_p_init=0.3, pgd_iterations=3,
+                               pgd_alpha_fraction=0.4)
+        config = sweeps.budget_config(b, settings=("square-linf",), kinds=KINDS,
+                                      n_images=len(mini_sweep["labels"]), seed=0)
+        rows[budget] = sweeps.run_sweep_point(mini_sweep["model"], mini_sweep["images"],
+                                              mini_sweep["labels"], eps=0.2,
+                                              settings="square-linf", budget=b)
+        record = sweeps.sweep_record("tiny", 0.2, rows[budget], config=config)
+        write_json(sweeps.budget_file("tiny", budget, root), record)
+    return {"rows": rows, "folder": sweeps.budget_dir("tiny", root)}
+
+
+def test_budget_file_names_round_trip(tmp_path):
+    path = sweeps.budget_file("m", 200, tmp_path)
+    assert path == tmp_path / "m" / "budget" / "queries_200.json"
+    assert sweeps.budget_from_path(path) == 200
+    for bad in ("queries_0200.json", "queries_0.json", "queries_x.json", "eps_0.1.json"):
+        with pytest.raises(ValueError, match=r"queries_100\.json"):
+            sweeps.budget_from_path(tmp_path / bad)
+    with pytest.raises(ValueError, match="budget"):
+        sweeps.budget_file("m", 0, tmp_path)
+
+
+def test_collect_budgets_keeps_each_dedicated_run(mini_budgets):
+    tidy = sweeps.collect_budgets(mini_budgets["folder"])
+    assert sorted(set(tidy["budget"])) == list(BUDGETS)
+    assert set(tidy["setting"]) == {"square-linf"} and (tidy["eps"] == 0.2).all()
+    for budget, rows in mini_budgets["rows"].items():
+        for row in rows:
+            got = tidy[(tidy["budget"] == budget) & (tidy["kind"] == row["kind"])]
+            assert got["ece"].item() == pytest.approx(row["ece_after"], abs=1e-6)
+    wide = sweeps.budget_table(tidy, "square-linf", "ece")
+    assert list(wide["budget"]) == list(BUDGETS)
+    assert list(wide.columns) == ["budget", "clean", *KINDS]
+
+
+def test_collect_budgets_rejects_a_file_of_another_eps(mini_budgets, tmp_path):
+    import shutil
+
+    folder = tmp_path / "budget"
+    shutil.copytree(mini_budgets["folder"], folder)
+    record = json.loads((folder / "queries_10.json").read_text())
+    record["config"]["seed"] = 7
+    (folder / "queries_10.json").write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="seed"):
+        sweeps.collect_budgets(folder)
+    (folder / "queries_10.json").rename(folder / "queries_11.json")
+    with pytest.raises(ValueError, match="Square budget other than 11"):
+        sweeps.collect_budgets(folder)
+
+
+def test_saturation_budget_reads_dedicated_runs():
+    rows = [{"setting": "square-linf", "kind": "uca", "budget": b, "ece": v, "clean_ece": 0.0}
+            for b, v in ((25, 0.1), (50, 0.45), (100, 0.5))]
+    assert sweeps.saturation_budget(pd.DataFrame(rows), "square-linf") == {"uca": 50.0}
+    with pytest.raises(ValueError, match="fraction"):
+        sweeps.saturation_budget(pd.DataFrame(rows), "square-linf", fraction=0)
+
+
+def test_figure_and_findings_use_dedicated_runs(mini_sweep, mini_budgets, runs):
+    tidy = sweeps.collect_sweep(mini_sweep["folder"])
+    budgets = sweeps.collect_budgets(mini_budgets["folder"])
+    curves = runs.curves(model_name="tiny", points=6)
+    fig = plots.sweep_figure(tidy, curves, budgets=budgets, metrics=("ece",))
+    query_axes = [ax for ax in fig.axes if "against queries" in ax.get_title()]
+    assert query_axes
+    square = next(ax for ax in query_axes if ax.get_title().startswith("square-linf"))
+    legend = [text.get_text() for text in fig.legends[0].get_texts()]
+    assert "one long run's trajectory" in legend  # the trajectory, labelled as such
+    assert any(line.get_linestyle() == ":" for line in square.get_lines())
+    xs = sorted({float(x) for line in square.get_lines() if line.get_marker() == "o"
+                 for x in line.get_xdata()})
+    assert xs == [float(b) for b in BUDGETS]  # the markers are the dedicated runs
+    lines = sweeps.findings(tidy, curves, budgets=budgets)
+    assert any("in dedicated runs, the smallest budget reaching 90%" in line for line in lines)
+    assert any("trajectory (not the outcome of shorter runs)" in line for line in lines)

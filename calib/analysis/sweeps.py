@@ -16,7 +16,8 @@ Two curves, obtained differently:
   rescaled to the run's whole budget, so this is a trajectory, not the outcome of a shorter run.
 
 :func:`eps_table` and :func:`query_table` pivot both into wide tables (one column per attack
-kind) that ``dvc plots`` draws directly, and :func:`sweep_figure` draws the paper-style figure.
+kind) that ``dvc plots`` draws directly; :func:`calib.plots.sweep_figure` draws the paper-style
+figure.
 
 Eps names: a file names eps by Python's shortest round-tripping ``repr`` of the float
 (:func:`format_eps`: 0.05 -> "0.05", 1e-05 -> "1e-05"). That is exactly how DVC renders
@@ -33,11 +34,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
-from matplotlib.figure import Figure
 from torch import nn
 
 from calib import paths
@@ -45,16 +44,21 @@ from calib.attacks import KINDS
 from calib.attacks.grid import SETTINGS, AttackGrid, parse_names, run_grid
 from calib.checks import check_choice, check_eps, check_int, check_number
 from calib.io import read_json
-from calib.plots import ATTACK_COLOURS, PALETTE, use_style
 from calib.reporting import KIND_ORDER
 
 __all__ = [
+    "AXES",
     "CLEAN_METRICS",
     "METRICS",
     "PAPER_EPS",
     "SWEEP_SETTINGS",
     "SweepBudget",
     "budget_config",
+    "budget_dir",
+    "budget_file",
+    "budget_from_path",
+    "budget_table",
+    "collect_budgets",
     "collect_sweep",
     "cross_check",
     "eps_from_path",
@@ -62,11 +66,12 @@ __all__ = [
     "findings",
     "format_eps",
     "parse_eps",
+    "point_file",
     "query_table",
     "run_sweep_point",
+    "saturation_budget",
     "saturation_queries",
     "sweep_dir",
-    "sweep_figure",
     "sweep_file",
     "sweep_record",
 ]
@@ -84,7 +89,11 @@ METRICS: tuple[str, ...] = ("ece", "ks", "confidence", "accuracy", "success_rate
 #: The metrics that have a clean (before-attack) level; the figure's rows.
 CLEAN_METRICS: tuple[str, ...] = ("ece", "ks", "confidence")
 
+#: The two axes of Fig. 2 a point can lie on: eps (sweep stage) or query budget (budget stage).
+AXES: tuple[str, ...] = ("eps", "budget")
+
 _FILE_PREFIX = "eps_"
+_BUDGET_PREFIX = "queries_"
 _FILE_SUFFIX = ".json"
 #: A positive float as ``repr`` writes it (no sign, no "inf"/"nan"), e.g. 0.05, 1e-05, 1.5e-05.
 _EPS_PATTERN = r"(?:\d+\.\d+(?:e-\d+)?|\de-\d+)"
@@ -137,6 +146,41 @@ def sweep_file(model_name: str, eps: float, root: str | os.PathLike[str] = paths
                ) -> Path:
     """The file of one (model, eps) sweep stage: ``<root>/<model>/sweep/eps_<eps>.json``."""
     return sweep_dir(model_name, root) / f"{_FILE_PREFIX}{format_eps(eps)}{_FILE_SUFFIX}"
+
+
+def budget_dir(model_name: str, root: str | os.PathLike[str] = paths.RESULTS) -> Path:
+    """Folder of one model's dedicated budget runs: ``<root>/<model>/budget``."""
+    return Path(root) / model_name / "budget"
+
+
+def budget_file(model_name: str, budget: int, root: str | os.PathLike[str] = paths.RESULTS
+                ) -> Path:
+    """The file of one (model, budget) stage: ``<root>/<model>/budget/queries_<budget>.json``.
+
+    ``budget`` is the Square Attack's queries per image besides the clean one
+    (``square_iterations``), as DVC writes ``${item.budget}``.
+    """
+    check_int("budget", budget, minimum=1)
+    return budget_dir(model_name, root) / f"{_BUDGET_PREFIX}{budget}{_FILE_SUFFIX}"
+
+
+def budget_from_path(path: str | os.PathLike[str]) -> int:
+    """The budget a budget file is named after (inverse of :func:`budget_file`)."""
+    name = Path(path).name
+    middle = name[len(_BUDGET_PREFIX):-len(_FILE_SUFFIX)]
+    if not (name.startswith(_BUDGET_PREFIX) and name.endswith(_FILE_SUFFIX)
+            and middle.isdigit() and str(int(middle)) == middle and int(middle) > 0):
+        raise ValueError(f"budget file names look like 'queries_100.json', got {name!r}")
+    return int(middle)
+
+
+def point_file(model_name: str, axis: str, *, eps: float, budget: int,
+               root: str | os.PathLike[str] = paths.RESULTS) -> Path:
+    """The file of one Fig. 2 point: an eps-sweep point (``axis="eps"``, :func:`sweep_file`)
+    or a dedicated budget run (``axis="budget"``, :func:`budget_file`)."""
+    check_choice("axis", axis, AXES)
+    return sweep_file(model_name, eps, root) if axis == "eps" else budget_file(
+        model_name, budget, root)
 
 
 def eps_from_path(path: str | os.PathLike[str]) -> float:
@@ -261,35 +305,61 @@ def collect_sweep(folder: str | os.PathLike[str]) -> pd.DataFrame:
 
     Returns:
         One row per (eps, setting, kind), sorted by setting, kind, eps, with columns model,
-        setting, kind, eps, n, iterations, the post-attack ``accuracy``, ``confidence``,
-        ``ece``, ``ks``, ``success_rate``, ``queries_mean``, ``queries_success_mean``,
-        ``label_preserved``, ``linf_max``, and the clean level ``clean_accuracy``,
-        ``clean_confidence``, ``clean_ece``, ``clean_ks``.
+        setting, kind, eps, budget (Square queries / PGD steps per image), n, iterations, the
+        post-attack ``accuracy``, ``confidence``, ``ece``, ``ks``, ``success_rate``,
+        ``queries_mean``, ``queries_success_mean``, ``label_preserved``, ``linf_max``, and the
+        clean level ``clean_accuracy``, ``clean_confidence``, ``clean_ece``, ``clean_ks``.
 
     Raises:
         FileNotFoundError: no folder or no sweep file in it.
         ValueError: a misnamed file, or files that disagree (naming the file).
     """
+    return _collect(folder, prefix=_FILE_PREFIX, x="eps")
+
+
+def collect_budgets(folder: str | os.PathLike[str]) -> pd.DataFrame:
+    """Read every ``queries_*.json`` of one model's budget folder into a tidy table.
+
+    Each file is a dedicated run at one query budget, as a user choosing that budget would
+    run it (Square's window schedule rescaled to that budget), at the attack stage's eps, on
+    the sweep's images: Fig. 2's query axis. The files must agree on everything but the
+    budget (model, eps, seed, images, settings, kinds, clean level).
+
+    Returns:
+        :func:`collect_sweep`'s columns, one row per (budget, setting, kind), sorted by budget.
+    """
+    return _collect(folder, prefix=_BUDGET_PREFIX, x="budget")
+
+
+def _collect(folder: str | os.PathLike[str], *, prefix: str, x: str) -> pd.DataFrame:
     folder = Path(folder)
-    files = sorted(folder.glob(f"{_FILE_PREFIX}*{_FILE_SUFFIX}")) if folder.is_dir() else []
+    files = sorted(folder.glob(f"{prefix}*{_FILE_SUFFIX}")) if folder.is_dir() else []
     if not files:
-        raise FileNotFoundError(f"no sweep files eps_*.json in {folder} (run the sweep stages)")
+        raise FileNotFoundError(f"no files {prefix}*.json in {folder} (run their stages)")
     reference: tuple[Path, dict[str, Any]] | None = None
     out = []
     for path in files:
         record = read_json(path)
-        eps = eps_from_path(path)
-        if format_eps(record["eps"]) != format_eps(eps):
-            raise ValueError(f"{path}: holds eps {record['eps']} but is named for eps {eps}")
+        if x == "eps":
+            eps = eps_from_path(path)
+            if format_eps(record["eps"]) != format_eps(eps):
+                raise ValueError(f"{path}: holds eps {record['eps']} but is named for eps {eps}")
+        else:
+            budget = budget_from_path(path)
+            square = [r for r in record["rows"] if r["method"] == "square"]
+            if any(int(r["iterations"]) != budget for r in square):
+                raise ValueError(f"{path}: holds a Square budget other than {budget}")
         if reference is None:
             reference = (path, record)
         else:
-            _check_same_sweep(reference, (path, record))
+            _check_same_sweep(reference, (path, record),
+                              varying=("square_iterations",) if x == "budget" else ())
         clean = record["clean"]
         for row in record["rows"]:
             out.append({
                 "model": record["model"], "setting": row["setting"], "kind": row["kind"],
-                "eps": eps, "n": row["n"], "iterations": row["iterations"],
+                "eps": float(record["eps"]), "budget": int(row["iterations"]), "n": row["n"],
+                "iterations": row["iterations"],
                 "accuracy": row["accuracy_after"], "confidence": row["confidence_after"],
                 "ece": row["ece_after"], "ks": row["ks_after"],
                 "success_rate": row["success_rate"], "queries_mean": row["queries_mean"],
@@ -298,18 +368,19 @@ def collect_sweep(folder: str | os.PathLike[str]) -> pd.DataFrame:
                 **{f"clean_{m}": clean[m] for m in ("accuracy", "confidence", "ece", "ks")},
             })
     tidy = pd.DataFrame(out)
-    return _sort(tidy, "eps").reset_index(drop=True)
+    return _sort(tidy, x).reset_index(drop=True)
 
 
 def _check_same_sweep(reference: tuple[Path, Mapping[str, Any]],
-                      other: tuple[Path, Mapping[str, Any]]) -> None:
+                      other: tuple[Path, Mapping[str, Any]], *,
+                      varying: Sequence[str] = ()) -> None:
     (ref_path, ref), (path, rec) = reference, other
     if rec["model"] != ref["model"]:
         raise ValueError(f"{path}: model {rec['model']!r} differs from {ref['model']!r} in "
                          f"{ref_path}")
-    if rec["config"] != ref["config"]:
-        diff = sorted(k for k in set(rec["config"]) | set(ref["config"])
-                      if rec["config"].get(k) != ref["config"].get(k))
+    diff = sorted(k for k in set(rec["config"]) | set(ref["config"])
+                  if k not in varying and rec["config"].get(k) != ref["config"].get(k))
+    if diff:
         raise ValueError(f"{path}: sweep configuration differs from {ref_path} in {diff}; "
                          f"a stale file from another sweep? Rerun or delete it")
     for metric, value in ref["clean"].items():
@@ -346,12 +417,32 @@ def eps_table(tidy: pd.DataFrame, setting: str, metric: str = "ece") -> pd.DataF
         Columns ``eps``, ``clean`` (for ece, ks, confidence, accuracy) and one column per
         attack kind (uca, oca, mma, rca order), one row per eps, eps increasing.
     """
+    return _axis_table(tidy, "eps", setting, metric)
+
+
+def _axis_table(tidy: pd.DataFrame, x: str, setting: str, metric: str) -> pd.DataFrame:
+    """One metric of one setting against ``x`` ("eps" or "budget"), with the clean level."""
     check_choice("metric", metric, METRICS)
     part = _one_setting(tidy, setting)
-    wide = _wide(part, "eps", metric)
+    wide = _wide(part, x, metric)
     if f"clean_{metric}" in part:
-        wide.insert(0, "clean", part.groupby("eps")[f"clean_{metric}"].first())
+        wide.insert(0, "clean", part.groupby(x)[f"clean_{metric}"].first())
     return wide.reset_index()
+
+
+def budget_table(budgets: pd.DataFrame, setting: str, metric: str = "ece") -> pd.DataFrame:
+    """Wide table of one metric against the query budget, from dedicated runs (Fig. 2).
+
+    Args:
+        budgets: :func:`collect_budgets` output (one model).
+        setting: e.g. "square-linf".
+        metric: one of :data:`METRICS`.
+
+    Returns:
+        Columns ``budget`` (queries per image), ``clean`` and one column per attack kind,
+        one row per budget, increasing.
+    """
+    return _axis_table(budgets, "budget", setting, metric)
 
 
 def query_table(curves: pd.DataFrame, setting: str, metric: str = "ece") -> pd.DataFrame:
@@ -454,14 +545,39 @@ def saturation_queries(curves: pd.DataFrame, setting: str, *, metric: str = "ece
     return out
 
 
+def saturation_budget(budgets: pd.DataFrame, setting: str, *, metric: str = "ece",
+                      fraction: float = 0.9) -> dict[str, float]:
+    """Per kind, the smallest dedicated budget whose run reaches ``fraction`` of the change
+    that the largest budget's run reaches (from :func:`collect_budgets`, not a trajectory).
+
+    With v(b) the metric after a b-query run and c the clean value, the answer is the smallest
+    budget b with ``|v(b) - c| >= fraction * |v(B) - c|``, B the largest budget.
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    part = _one_setting(budgets, setting)
+    out = {}
+    for kind in [k for k in KIND_ORDER if k in set(part["kind"])]:
+        run = part[part["kind"] == kind].sort_values("budget")
+        b = run["budget"].to_numpy(dtype=np.float64)
+        change = np.abs(run[metric].to_numpy(dtype=np.float64)
+                        - run[f"clean_{metric}"].to_numpy(dtype=np.float64))
+        reached = change >= fraction * change[-1] - 1e-12
+        out[kind] = float(b[np.argmax(reached)])
+    return out
+
+
 def findings(tidy: pd.DataFrame, curves: pd.DataFrame | None, *,
+             budgets: pd.DataFrame | None = None,
              paper_eps: float = PAPER_EPS) -> list[str]:
     """Plain-language statements read off the sweep (for the notebook's narrative).
 
     Per setting: the ECE range over the attacks at the smallest and largest eps against the
     clean ECE, for how many attacks ECE grows monotonically with eps, where ``paper_eps`` sits
-    (if it is on the grid), and with ``curves``, the budget by which 90% of each attack's final
-    ECE change is reached.
+    (if it is on the grid); with ``budgets`` (dedicated runs), the smallest budget whose run
+    reaches 90% of the largest budget's ECE change; with ``curves``, where one long run's
+    trajectory reaches 90% of its final change (said to be a trajectory: the first b queries of
+    a long run are not a b-query run).
     """
     lines = []
     for setting in dict.fromkeys(tidy["setting"]):
@@ -489,98 +605,28 @@ def findings(tidy: pd.DataFrame, curves: pd.DataFrame | None, *,
                     f"{setting}: at the paper's eps {format_eps(paper_eps)} the attacks reach "
                     f"{min(share):.0%}-{max(share):.0%} of the ECE rise they reach at eps "
                     f"{format_eps(hi['eps'])}.")
+        if budgets is not None and setting in set(budgets["setting"]):
+            sat = saturation_budget(budgets, setting)
+            largest = int(_one_setting(budgets, setting)["budget"].max())
+            lines.append(f"{setting}: in dedicated runs, the smallest budget reaching 90% of the "
+                         f"ECE change of a {largest}-query run is "
+                         + ", ".join(f"{q:.0f} ({k.upper()})" for k, q in sat.items())
+                         + " queries per image.")
         if curves is not None and setting in set(curves["setting"]):
             sat = saturation_queries(curves, setting)
             budget = float(_one_setting(curves, setting)["queries"].max())
             unit = "gradient steps + 1" if setting.startswith("pgd") else "queries"
-            lines.append(f"{setting}: 90% of the final ECE change is reached after "
+            length = (f"{budget - 1:.0f}-step" if setting.startswith("pgd")
+                      else f"{budget:.0f}-query")
+            lines.append(f"{setting}: along one {length} run's trajectory "
+                         "(not the outcome of shorter runs), 90% of its final ECE change is "
+                         "passed after "
                          + ", ".join(f"{q:.0f} ({k.upper()})" for k, q in sat.items())
-                         + f" {unit}, of a budget of {budget:.0f}.")
+                         + f" {unit}.")
     return lines
 
 
 # --- figure -------------------------------------------------------------------------------------
-
-def sweep_figure(tidy: pd.DataFrame, curves: pd.DataFrame | None, *,
-                 settings: Sequence[str] | None = None,
-                 metrics: Sequence[str] = CLEAN_METRICS,
-                 eps_marks: Mapping[str, float] | None = None,
-                 title: str | None = None) -> Figure:
-    """The paper's Fig. 2: each metric against eps and against the query budget.
-
-    Rows are the metrics (default ECE, KS, average confidence); for each setting, one column
-    against eps (from the sweep) and, when ``curves`` is given, one against the query budget
-    (from the attack histories). One line per attack kind in :data:`calib.plots.ATTACK_COLOURS`;
-    the clean level is a dashed line.
-
-    Args:
-        tidy: :func:`collect_sweep` output of one model.
-        curves: the attack stage's long curve table of the same model, or None.
-        settings: settings to draw (default: those in ``tidy``, in order).
-        metrics: rows, each in :data:`CLEAN_METRICS`.
-        eps_marks: label -> eps drawn as a dotted vertical line on the eps axes (e.g. the
-            paper's 0.05 and the eps of the query curves).
-        title: figure title.
-    """
-    if tidy.empty:
-        raise ValueError("tidy is empty: nothing to plot")
-    for metric in metrics:
-        check_choice("metrics", metric, CLEAN_METRICS)
-    settings = list(settings) if settings is not None else list(dict.fromkeys(tidy["setting"]))
-    use_style()
-    panels: list[tuple[str, str]] = []
-    for setting in settings:
-        panels.append((setting, "eps"))
-        if curves is not None and setting in set(curves["setting"]):
-            panels.append((setting, "queries"))
-    fig, axes = plt.subplots(len(metrics), len(panels),
-                             figsize=(3.3 * len(panels), 2.6 * len(metrics)),
-                             squeeze=False, sharex="col")
-    for j, (setting, axis) in enumerate(panels):
-        for i, metric in enumerate(metrics):
-            ax = axes[i, j]
-            if axis == "eps":
-                table = eps_table(tidy, setting, metric)
-                x = table["eps"].to_numpy(dtype=np.float64)
-            else:
-                table = query_table(curves, setting, metric)  # type: ignore[arg-type]
-                x = table["queries"].to_numpy(dtype=np.float64)
-            for kind in (c for c in table.columns if c not in ("eps", "queries", "clean")):
-                ax.plot(x, table[kind], color=ATTACK_COLOURS.get(kind, PALETTE[0]),
-                        marker="o" if axis == "eps" else None, ms=4, lw=1.5,
-                        label=kind.upper())
-            ax.axhline(float(table["clean"].iloc[0]), color=ATTACK_COLOURS["clean"], ls="--",
-                       lw=1.2, label="clean")
-            ax.set_xscale("log")
-            if axis == "eps":
-                for k, (label, value) in enumerate((eps_marks or {}).items()):
-                    ax.axvline(value, color="#777777", ls=":", lw=1)
-                    if i == 0:
-                        ax.text(value, 1.0 - 0.09 * k, f" {label}", fontsize=7,
-                                transform=ax.get_xaxis_transform(), color="#555555",
-                                va="top")
-                ax.set_xticks(x)
-                ax.set_xticklabels([format_eps(v) for v in x], fontsize=8)
-                ax.minorticks_off()
-            if metric == "confidence":
-                ax.set_ylim(0, 1.02)
-            else:
-                ax.set_ylim(bottom=0)
-            if i == 0:
-                ax.set_title(f"{setting}: against {'eps' if axis == 'eps' else 'queries'}",
-                             fontsize=10)
-            if i == len(metrics) - 1:
-                ax.set_xlabel("eps (L-inf, [0, 1] scale)" if axis == "eps" else
-                              ("gradient steps + 1" if setting.startswith("pgd")
-                               else "queries per image"))
-            if j == 0:
-                ax.set_ylabel(_CURVE_LABELS[metric])
-    axes[0, -1].legend(fontsize=8, loc="best")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    return fig
-
 
 # --- configuration ------------------------------------------------------------------------------
 

@@ -78,8 +78,9 @@ def run_attack(model: nn.Module, images: torch.Tensor, *, kind: str, method: str
         seed: seed of the attack's own random generator.
         **options: method options, see :func:`method_options` (e.g. square: ``p_init``,
             ``stripes_init``, ``backtrack_steps``; pgd: ``alpha``, ``sparsify``; both:
-            ``uca_margin``, ``oca_confidence``, ``rca_tolerance``, ``min_margin``,
-            ``batch_size``, ``show_progress``).
+            ``uca_margin``, ``oca_confidence``, ``rca_tolerance``, ``uca_objective``
+            ("margin", or "confidence": UCA minimises p_k for the whole budget),
+            ``min_margin``, ``batch_size``, ``show_progress``).
 
     Returns:
         An :class:`AttackResult`.

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -41,7 +41,7 @@ from calib.checks import (
     check_number,
     perturbation_norms,
 )
-from calib.runtime import eval_mode
+from calib.runtime import eval_mode, predict_logits
 
 KINDS: tuple[str, ...] = ("uca", "oca", "mma", "rca")
 METHODS: tuple[str, ...] = ("square", "pgd")
@@ -56,25 +56,38 @@ MODE_RCA: int = 2
 RCA_TARGET_OFFSET: float = 0.05
 RCA_TARGET_HIGH: float = 0.99
 
+#: What UCA minimises: the probability margin (SPEC §3), or the clean class's probability p_k
+#: (the push-to-the-bound variant, see :class:`Thresholds`).
+UCA_OBJECTIVES: tuple[str, ...] = ("margin", "confidence")
+
 
 @dataclass(frozen=True)
 class Thresholds:
-    """Per-kind success thresholds (SPEC §3).
+    """Per-kind success thresholds (SPEC §3), and UCA's objective.
 
     Attributes:
         uca_margin: UCA succeeds when the probability margin ``p_(1) - p_(2)`` is at most this.
         oca_confidence: OCA succeeds when the confidence is at least this.
         rca_tolerance: RCA succeeds when ``|c - t|`` is at most this.
+        uca_objective: "margin" (SPEC §3): UCA minimises the margin and stops at
+            ``uca_margin``. "confidence" (push-to-the-bound variant): UCA minimises ``p_k``
+            itself, has no threshold and so spends the whole budget on every UCA sample, and
+            succeeds iff the final ``p_k`` is below the clean one with the label kept. The
+            margin rule stops a correct sample near ``p_k = (1 + uca_margin) / 2``; this one
+            shows how far towards ``1/K`` (MMA's bound ``1 - q/K``) a label-preserving attack
+            gets. Only UCA samples (UCA, and MMA's correct ones) are affected.
     """
 
     uca_margin: float = 0.1
     oca_confidence: float = 0.99
     rca_tolerance: float = 0.05
+    uca_objective: str = "margin"
 
     def __post_init__(self) -> None:
         check_number("uca_margin", self.uca_margin, low=0, high=1, high_open=True)
         check_number("oca_confidence", self.oca_confidence, low=0, high=1, low_open=True)
         check_number("rca_tolerance", self.rca_tolerance, low=0, high=1, high_open=True)
+        check_choice("uca_objective", self.uca_objective, UCA_OBJECTIVES)
 
 
 @dataclass(frozen=True)
@@ -84,15 +97,16 @@ class Scores:
     All fields have shape (B,).
 
     Attributes:
-        loss: the objective to minimise: the margin (UCA, as ``-log(1 - margin)``), ``-log
-            p_k`` (OCA) or ``|p_k - t|`` (RCA); the log forms are increasing functions of
-            the margin and of ``-p_k`` that keep their resolution where ``p_k`` rounds to 1
-            in float32.
+        loss: the objective to minimise: the margin (UCA, as ``-log(1 - margin)``; with
+            ``uca_objective="confidence"``, ``log p_k``), ``-log p_k`` (OCA) or ``|p_k - t|``
+            (RCA); the log forms are increasing functions of the margin and of ``-p_k`` that
+            keep their resolution where ``p_k`` rounds to 1 in float32.
         confidence: ``p_k``, the probability of the clean prediction ``k`` (the confidence
             whenever the label is kept).
         margin: ``p_k - max_{j != k} p_j`` (negative once the argmax has moved).
         keeps_label: the argmax is still ``k``, with ``margin > min_margin``.
-        success: the sample meets its kind's threshold.
+        success: the sample meets its kind's threshold (never, during the run, for UCA with
+            ``uca_objective="confidence"``: see :meth:`AttackState.finish`).
     """
 
     loss: torch.Tensor
@@ -112,7 +126,7 @@ def score(logits: torch.Tensor, k: torch.Tensor, mode: torch.Tensor, target: tor
         k: (B,) clean predictions.
         mode: (B,) objective codes (:data:`MODE_UCA`, :data:`MODE_OCA`, :data:`MODE_RCA`).
         target: (B,) RCA target confidences (ignored elsewhere).
-        thresholds: success thresholds.
+        thresholds: success thresholds and UCA's objective.
         min_margin: the label counts as kept only if ``p_k`` beats every other class by more
             than this; a small positive value keeps the label robust to the last-bit
             differences that another batch composition can cause in the logits.
@@ -135,10 +149,15 @@ def score(logits: torch.Tensor, k: torch.Tensor, mode: torch.Tensor, target: tor
     # it keeps its resolution where p_k is within float32 rounding of 1: there the margin
     # itself is exactly 1.0 for every candidate, so a confident sample would never see an
     # improvement and the random search would stall on that plateau.
-    uca_loss = -torch.logaddexp(logp_rest.logsumexp(1), logp_other)
+    if thresholds.uca_objective == "confidence":
+        # Push-to-the-bound variant: minimise p_k (as log p_k), no threshold to stop at.
+        uca_loss, uca_success = logp_k, torch.zeros_like(keeps)
+    else:
+        uca_loss = -torch.logaddexp(logp_rest.logsumexp(1), logp_other)
+        uca_success = margin <= thresholds.uca_margin
     only = present[0] if present is not None and len(present) == 1 else None
     if only == MODE_UCA:
-        return Scores(uca_loss, p_k, margin, keeps, margin <= thresholds.uca_margin)
+        return Scores(uca_loss, p_k, margin, keeps, uca_success)
     if only == MODE_OCA:
         return Scores(-logp_k, p_k, margin, keeps, p_k >= thresholds.oca_confidence)
     distance = (p_k - target.to(p_k.dtype)).abs()
@@ -147,11 +166,23 @@ def score(logits: torch.Tensor, k: torch.Tensor, mode: torch.Tensor, target: tor
     is_uca, is_oca = mode == MODE_UCA, mode == MODE_OCA
     loss = torch.where(is_uca, uca_loss, torch.where(is_oca, -logp_k, distance))
     success = torch.where(
-        is_uca, margin <= thresholds.uca_margin,
+        is_uca, uca_success,
         torch.where(is_oca, p_k >= thresholds.oca_confidence,
                     distance <= thresholds.rca_tolerance))
     return Scores(loss=loss, confidence=p_k, margin=margin, keeps_label=keeps,
                   success=success)
+
+
+def pushed_success(success: torch.Tensor, mode: torch.Tensor, clean_confidence: torch.Tensor,
+                   final_confidence: torch.Tensor, thresholds: Thresholds) -> torch.Tensor:
+    """Success per sample once a run is over: with ``uca_objective="confidence"`` a UCA
+    sample (which has no threshold) succeeded iff its ``p_k`` went down; ``success``
+    unchanged otherwise. Tensors (N,) or, for ``final_confidence`` and ``success``, (T, N)."""
+    if thresholds.uca_objective != "confidence":
+        return success
+    # Compared in float32, the history's precision: an unchanged sample never counts.
+    lowered = final_confidence.float() < clean_confidence.float()
+    return torch.where(mode.to(success.device) == MODE_UCA, lowered, success)
 
 
 def resolve_modes(kind: str, clean_prediction: torch.Tensor, labels: torch.Tensor | None
@@ -216,6 +247,9 @@ class AttackResult:
         history: per-iteration records for curves against the number of queries.
         labels: int64 (N,) true labels if they were given, else None.
         options: the method options the run used (defaults filled in).
+        zero_gradient: bool (N,) white-box runs only: the input gradient at the clean image
+            vanished (:func:`calib.checks.vanishing_gradients`), so gradient steps could not
+            move the sample; None for black-box runs.
     """
 
     x_adv: torch.Tensor
@@ -239,6 +273,7 @@ class AttackResult:
     history: AttackHistory
     labels: torch.Tensor | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    zero_gradient: torch.Tensor | None = None
 
     def linf_norm(self) -> torch.Tensor:
         """Per-sample L-inf norm of the perturbation, float64 (N,)."""
@@ -253,18 +288,26 @@ class AttackResult:
             return self.labels
         return check_labels(labels, self.queries.shape[0]).detach().cpu().long()
 
-    def summary(self, labels: torch.Tensor | None = None) -> dict[str, Any]:
+    def summary(self, labels: torch.Tensor | None = None, *, intervals: bool = True,
+                n_resamples: int = 1000) -> dict[str, Any]:
         """Headline numbers of the run (SPEC §6) as a flat, JSON-ready dict.
 
         Args:
             labels: (N,) true labels; defaults to the labels given to the attack. Without
                 labels, accuracy, ECE and KS are left out.
+            intervals: add ``<metric>_lo`` / ``<metric>_hi``, the 95% bootstrap interval over
+                the N images (:func:`calib.stats.bootstrap_metrics`, seeded: the same images
+                resampled alike in every run of the same size), for the success rate,
+                confidence and, with labels, accuracy, ECE and KS before and after (SPEC §10:
+                every number carries an interval).
+            n_resamples: bootstrap resamples.
 
         Returns:
             Settings, ``success_rate``, query statistics (``queries_mean`` over all samples,
             ``queries_success_mean`` / ``_median`` over successful ones, None if there are
             none), confidence before/after, perturbation norms, ``label_preserved`` (rate),
-            and with labels ``accuracy``, ``ece`` and ``ks`` before/after.
+            and with labels ``accuracy``, ``ece`` and ``ks`` before/after; with
+            ``intervals``, their ``_lo`` / ``_hi``.
         """
         labels = self._labels(labels)
         q = self.queries.double()
@@ -284,6 +327,8 @@ class AttackResult:
             "label_preserved": float((self.final_prediction == self.clean_prediction)
                                      .double().mean()),
         }
+        if self.zero_gradient is not None:
+            out["zero_gradient_fraction"] = float(self.zero_gradient.double().mean())
         if labels is not None:
             for when, pred, conf in (("before", self.clean_prediction, self.clean_confidence),
                                      ("after", self.final_prediction, self.final_confidence)):
@@ -291,6 +336,32 @@ class AttackResult:
                 out[f"accuracy_{when}"] = float(correct.mean())
                 out[f"ece_{when}"] = metrics.ece(conf, correct)
                 out[f"ks_{when}"] = metrics.ks_error(conf, correct)
+        if intervals:
+            out.update(self._intervals(labels, n_resamples))
+        return out
+
+    def _intervals(self, labels: torch.Tensor | None, n_resamples: int) -> dict[str, float]:
+        """``<metric>_lo`` / ``_hi`` of :meth:`summary`'s rates and calibration errors."""
+        from calib.stats import bootstrap_interval, bootstrap_metrics
+
+        out: dict[str, float] = {}
+        success = self.success.double()
+        for when, pred, conf in (("before", self.clean_prediction, self.clean_confidence),
+                                 ("after", self.final_prediction, self.final_confidence)):
+            if labels is None:
+                found = {"confidence": bootstrap_interval("mean", conf.double(),
+                                                          n_resamples=n_resamples, seed=0)}
+                if when == "after":
+                    found["success_rate"] = bootstrap_interval(
+                        "success_rate", success, n_resamples=n_resamples, seed=0)
+            else:
+                correct = (pred == labels).double()
+                found = bootstrap_metrics(conf.double().clamp(0, 1), correct,
+                                          success=success if when == "after" else None,
+                                          n_resamples=n_resamples, seed=0)
+            for name, interval in found.items():
+                key = name if name == "success_rate" else f"{name}_{when}"
+                out[f"{key}_lo"], out[f"{key}_hi"] = interval.lo, interval.hi
         return out
 
     def curve(self, labels: torch.Tensor | None = None, *, points: int | None = None
@@ -405,11 +476,17 @@ class AttackState:
         self._write_row(self.t)
 
     def finish(self) -> None:
-        """Repeat the last row into the rows of iterations that were not needed."""
+        """Repeat the last row into the rows of iterations that were not needed; with
+        ``uca_objective="confidence"``, mark UCA samples successful where ``p_k`` went down
+        (:func:`pushed_success`), in the history too."""
         last = self.t
         self.hist_confidence[last + 1:] = self.hist_confidence[last]
         self.hist_queries[last + 1:] = self.hist_queries[last]
         self.hist_success[last + 1:] = self.hist_success[last]
+        self.success = pushed_success(self.success, self.mode, self.clean_confidence,
+                                      self.confidence, self.thresholds)
+        self.hist_success = pushed_success(self.hist_success, self.mode, self.clean_confidence,
+                                           self.hist_confidence, self.thresholds)
 
     def _write_row(self, t: int) -> None:
         self.hist_confidence[t] = self.confidence
@@ -512,3 +589,48 @@ def _assemble(states: list[AttackState], images: torch.Tensor, *, kind: str, met
                               success=cat("hist_success", 1)),
         labels=None if labels is None else labels.detach().cpu().long(), options=options,
     )
+
+
+def reevaluate(result: AttackResult, model: nn.Module, *, batch_size: int = 256
+               ) -> AttackResult:
+    """The outcome of ``result``'s images on ``model``, from a fresh forward pass.
+
+    The attack's own record of what it achieved comes from inside its loop; this re-runs the
+    clean images ``result.x_clean`` and the final adversarial images ``result.x_adv`` through
+    ``model`` (in eval mode, in batches of ``batch_size``) and recomputes, per sample, the
+    clean and final prediction, confidence and margin, and success by the run's own
+    thresholds, objective (``mode``) and RCA targets. A sample whose prediction changed
+    counts as failed. SPEC §10, "measured, not assumed": "labels kept" and "accuracy
+    unchanged" are read off this pass, so they can fail. With another ``model`` (e.g. a
+    defended one) it scores an attack made on a surrogate against that model (transfer).
+
+    Args:
+        result: an attack's outcome (N images).
+        model: maps images in [0, 1] (N, C, H, W) to logits (N, K).
+        batch_size: images per forward pass.
+
+    Returns:
+        A copy of ``result`` with ``clean_*``, ``final_*`` and ``success`` recomputed; the
+        queries, history and settings are the attack's own.
+    """
+    clean_logits = predict_logits(model, result.x_clean, batch_size=batch_size,
+                                  device=result.x_clean.device)
+    final_logits = predict_logits(model, result.x_adv, batch_size=batch_size,
+                                  device=result.x_adv.device)
+    options = result.options
+    thresholds = Thresholds(**{name: options[name] for name in
+                               ("uca_margin", "oca_confidence", "rca_tolerance",
+                                "uca_objective") if name in options})
+    k = clean_logits.argmax(1)
+    mode, target = result.mode.cpu(), result.target.cpu()
+    present = tuple(int(c) for c in torch.unique(mode))
+    clean = score(clean_logits, k, mode, target, thresholds, 0.0, present)
+    final = score(final_logits, k, mode, target, thresholds, 0.0, present)
+    prediction = final_logits.argmax(1)
+    success = pushed_success(final.success, mode, clean.confidence, final.confidence,
+                             thresholds)
+    return replace(
+        result, clean_prediction=k, final_prediction=prediction,
+        clean_confidence=clean.confidence.float(), final_confidence=final.confidence.float(),
+        clean_margin=clean.margin.float(), final_margin=final.margin.float(),
+        success=success & (prediction == k))

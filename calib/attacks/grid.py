@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from calib.attacks import KINDS, AttackResult, run_attack
+from calib.attacks.base import reevaluate
 from calib.checks import (
     check_choice,
     check_eps,
@@ -248,9 +249,11 @@ def run_grid(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, grid:
     for setting in grid.settings:
         arguments = grid.arguments(setting)
         for kind in grid.kinds:
-            results[setting, kind] = run_attack(model, images, kind=kind, labels=labels,
-                                                seed=seed, batch_size=batch_size,
-                                                show_progress=show_progress, **arguments)
+            result = run_attack(model, images, kind=kind, labels=labels, seed=seed,
+                                batch_size=batch_size, show_progress=show_progress,
+                                **arguments)
+            # Labels kept, confidences and success as a fresh forward pass sees them.
+            results[setting, kind] = reevaluate(result, model, batch_size=batch_size)
     return GridRun(grid, results, labels, time.perf_counter() - start)
 
 

@@ -41,7 +41,14 @@ from calib.attacks.base import (
     check_min_margin,
     execute,
 )
-from calib.checks import check_bool, check_eps, check_int, check_number
+from calib.checks import (
+    check_bool,
+    check_eps,
+    check_int,
+    check_number,
+    check_zero_gradients,
+    vanishing_gradients,
+)
 from calib.runtime import eval_mode
 
 #: Default number of gradient steps.
@@ -94,7 +101,8 @@ def step_direction(grad: torch.Tensor, norm: str) -> torch.Tensor:
 
 def pgd_linf(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, eps: float,
              alpha: float, steps: int, random_start: bool = True,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+             generator: torch.Generator | None = None, check_gradients: bool = True
+             ) -> torch.Tensor:
     """Ordinary L-inf PGD (Madry et al. 2018, arXiv:1706.06083): maximise CE on ``labels``.
 
     Unlike the calibration attacks there is no label-preservation rule: this is the
@@ -113,6 +121,9 @@ def pgd_linf(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, ep
         steps: number of signed-gradient ascent steps.
         random_start: start from a uniform point of the eps-ball.
         generator: CPU generator for the random start (seeded by the caller).
+        check_gradients: warn (:class:`~calib.checks.GradientMaskingWarning`) when the
+            gradient of the first step vanishes on some samples; adversarial training, which
+            calls this every step, turns it off.
 
     Returns:
         (N, C, H, W) adversarial images, detached, inside the eps-ball and [0, 1].
@@ -126,10 +137,13 @@ def pgd_linf(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, ep
         noise = torch.rand(x0.shape, generator=generator, dtype=x0.dtype)
         x = (x0 + (2 * noise.to(x0.device) - 1) * eps).clamp(0, 1)
     with eval_mode(model), torch.enable_grad():
-        for _ in range(steps):
+        for step in range(steps):
             x.requires_grad_(True)
             loss = F.cross_entropy(model(x), labels)
             (grad,) = torch.autograd.grad(loss, x)
+            if step == 0 and check_bool("check_gradients", check_gradients):
+                check_zero_gradients(vanishing_gradients(grad), context="ordinary PGD L-inf",
+                                     stacklevel=4)
             with torch.no_grad():
                 x = x + alpha * step_direction(grad, "linf")
                 # Clipped to the box [x0 - eps, x0 + eps] directly rather than through
@@ -140,13 +154,19 @@ def pgd_linf(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, ep
 
 
 def _chunk_loop(model: nn.Module, *, norm: str, eps: float, iterations: int, alpha: float,
-                sparsify: bool, drop_uca: float, drop_oca: float, backtrack_steps: int):
-    """The per-chunk PGD loop bound to its settings (see :func:`pgd_attack`)."""
+                sparsify: bool, drop_uca: float, drop_oca: float, backtrack_steps: int,
+                vanished: list[torch.Tensor]):
+    """The per-chunk PGD loop bound to its settings (see :func:`pgd_attack`).
+
+    Appends each chunk's :func:`~calib.checks.vanishing_gradients` flags at the clean images
+    to ``vanished`` (the first gradient is needed anyway, so the check costs nothing).
+    """
     floor = alpha * 0.5**backtrack_steps
 
     def attack_chunk(x: torch.Tensor, make_state, generator: torch.Generator, bar: Any
                      ) -> AttackState:
         logits, grad_best = input_gradient(model, x)
+        vanished.append(vanishing_gradients(grad_best))
         state = make_state(logits)
         step = torch.full((x.shape[0],), alpha, dtype=x.dtype, device=x.device)
         for _ in range(iterations):
@@ -200,6 +220,7 @@ def pgd_attack(
     uca_margin: float = 0.1,
     oca_confidence: float = 0.99,
     rca_tolerance: float = 0.05,
+    uca_objective: str = "margin",
     min_margin: float = 1e-4,
     batch_size: int = 256,
     show_progress: bool = False,
@@ -231,6 +252,9 @@ def pgd_attack(
         backtrack_steps: a rejected candidate halves the sample's step (down to
             ``alpha / 2**backtrack_steps``); an accepted one doubles it (up to ``alpha``).
         uca_margin, oca_confidence, rca_tolerance: success thresholds (SPEC §3).
+        uca_objective: "margin" (SPEC §3) or "confidence": UCA samples minimise ``p_k`` for
+            the whole budget instead of stopping at ``uca_margin`` (the push-to-the-bound
+            variant; :class:`~calib.attacks.base.Thresholds`).
         min_margin: a candidate keeps the label only if ``p_k`` beats the runner-up by more
             than this.
         batch_size: images attacked together (bounds memory).
@@ -254,17 +278,22 @@ def pgd_attack(
     drop_oca = check_number("drop_oca", drop_oca, low=0, high=1, high_open=True)
     check_int("backtrack_steps", backtrack_steps, minimum=0)
     thresholds = Thresholds(uca_margin=uca_margin, oca_confidence=oca_confidence,
-                            rca_tolerance=rca_tolerance)
+                            rca_tolerance=rca_tolerance, uca_objective=uca_objective)
     min_margin = check_min_margin(min_margin)
     options = {"alpha": alpha, "sparsify": sparsify, "drop_uca": drop_uca,
                "drop_oca": drop_oca, "backtrack_steps": backtrack_steps,
                "uca_margin": uca_margin, "oca_confidence": oca_confidence,
-               "rca_tolerance": rca_tolerance, "min_margin": min_margin,
-               "batch_size": batch_size}
+               "rca_tolerance": rca_tolerance, "uca_objective": uca_objective,
+               "min_margin": min_margin, "batch_size": batch_size}
+    vanished: list[torch.Tensor] = []
     loop = _chunk_loop(model, norm=norm, eps=eps, iterations=iterations, alpha=alpha,
                        sparsify=sparsify, drop_uca=drop_uca, drop_oca=drop_oca,
-                       backtrack_steps=backtrack_steps)
-    return execute(model, images, attack_chunk=loop, kind=kind, method="pgd", norm=norm,
-                   eps=eps, iterations=iterations, labels=labels, seed=seed,
-                   thresholds=thresholds, min_margin=min_margin, batch_size=batch_size,
-                   show_progress=show_progress, options=options)
+                       backtrack_steps=backtrack_steps, vanished=vanished)
+    result = execute(model, images, attack_chunk=loop, kind=kind, method="pgd", norm=norm,
+                     eps=eps, iterations=iterations, labels=labels, seed=seed,
+                     thresholds=thresholds, min_margin=min_margin, batch_size=batch_size,
+                     show_progress=show_progress, options=options)
+    result.zero_gradient = torch.cat(vanished)
+    check_zero_gradients(result.zero_gradient,
+                         context=f"PGD {'L-inf' if norm == 'linf' else 'L2'} {kind.upper()}")
+    return result

@@ -417,6 +417,7 @@ def square_attack(
     uca_margin: float = 0.1,
     oca_confidence: float = 0.99,
     rca_tolerance: float = 0.05,
+    uca_objective: str = "margin",
     min_margin: float = 1e-4,
     batch_size: int = 256,
     show_progress: bool = False,
@@ -446,6 +447,9 @@ def square_attack(
             sample at 1/2, 1/4, ... of the rejected step, up to this many halvings
             (0 disables).
         uca_margin, oca_confidence, rca_tolerance: success thresholds (SPEC §3).
+        uca_objective: "margin" (SPEC §3) or "confidence": UCA samples minimise ``p_k`` for
+            the whole budget instead of stopping at ``uca_margin`` (the push-to-the-bound
+            variant; :class:`~calib.attacks.base.Thresholds`).
         min_margin: a candidate keeps the label only if ``p_k`` beats the runner-up by more
             than this (robustness to last-bit differences between batch compositions).
         batch_size: images attacked together (bounds memory); the random streams, and so the
@@ -471,12 +475,13 @@ def square_attack(
         raise ValueError("stripes_init applies to norm='linf' only")
     check_int("backtrack_steps", backtrack_steps, minimum=0)
     thresholds = Thresholds(uca_margin=uca_margin, oca_confidence=oca_confidence,
-                            rca_tolerance=rca_tolerance)
+                            rca_tolerance=rca_tolerance, uca_objective=uca_objective)
     min_margin = check_min_margin(min_margin)
     options = {"p_init": p_init, "stripes_init": stripes_init,
                "backtrack_steps": backtrack_steps, "uca_margin": uca_margin,
                "oca_confidence": oca_confidence, "rca_tolerance": rca_tolerance,
-               "min_margin": min_margin, "batch_size": batch_size}
+               "uca_objective": uca_objective, "min_margin": min_margin,
+               "batch_size": batch_size}
     loop = _chunk_loop(model, norm=norm, eps=eps, iterations=iterations, p_init=p_init,
                        stripes_init=stripes_init, backtrack_steps=backtrack_steps)
     return execute(model, images, attack_chunk=loop, kind=kind, method="square", norm=norm,

@@ -421,9 +421,13 @@ class AAA(Recalibrator):
     With logit margin m = z_(1) - z_(2), attractor a = (round(m / tau + 0.5) - 0.5) tau and
     target t = a - (m - a) (the margin reflected about its attractor), the logits are
     optimised with Adam (``lr``, ``steps``) on |m(z') - t| + ``calib_weight`` |p_1(z') -
-    p_1(z)|: a score-based attacker sees its progress on the margin reversed while the
-    confidence barely moves. The loss is summed over the batch, and each sample's loss depends
-    only on its own logits, so every sample follows the same trajectory whatever the batch.
+    p_1(z / T)|: a score-based attacker sees its progress on the margin reversed while the
+    confidence is pulled to the temperature-scaled one. As in the released code, the anchor
+    is the confidence at temperature ``T`` ("pre-tune it using a validation set"), which
+    makes AAA a calibrator too: :meth:`fit` fits ``T`` on validation logits by NLL
+    (:func:`fit_temperature`); unfitted, ``T = temperature`` (default 1, the raw
+    confidence). The loss is summed over the batch, and each sample's loss depends only on
+    its own logits, so every sample follows the same trajectory whatever the batch.
     A sample whose optimised argmax differs from the original keeps its original logits.
 
     Not differentiable end-to-end: the optimisation runs (under ``torch.enable_grad``) on a
@@ -438,18 +442,28 @@ class AAA(Recalibrator):
         steps: Adam steps (100).
         calib_weight: weight of the confidence-preservation term (5).
         bpda: identity gradient instead of the masked (zero) one.
+        temperature: the anchor's temperature until :meth:`fit` replaces it.
     """
 
     name = "aaa"
 
     def __init__(self, *, tau: float = 4.0, lr: float = 0.1, steps: int = 100,
-                 calib_weight: float = 5.0, bpda: bool = False) -> None:
+                 calib_weight: float = 5.0, bpda: bool = False,
+                 temperature: float = 1.0) -> None:
         check_number("tau", tau, low=0, low_open=True)
         check_number("lr", lr, low=0, low_open=True)
         check_int("steps", steps, minimum=0)
         check_number("calib_weight", calib_weight, low=0)
         self.tau, self.lr, self.steps = float(tau), float(lr), steps
         self.calib_weight, self.bpda = float(calib_weight), check_bool("bpda", bpda)
+        self.temperature = check_number("temperature", temperature, low=0, low_open=True)
+        self.fitted = False
+
+    def fit(self, logits: torch.Tensor, labels: torch.Tensor) -> AAA:
+        """Fit the anchor's temperature on validation logits (N, K) and labels (N,)."""
+        self.temperature = fit_temperature(logits, labels)
+        self.fitted = True
+        return self
 
     def target_margin(self, margin: torch.Tensor) -> torch.Tensor:
         """The reflected margin t = 2a - m for logit margins m (N,)."""
@@ -462,7 +476,7 @@ class AAA(Recalibrator):
             z = z.clone()  # a normal tensor even when called under inference mode
             top1, top2 = _top_two(z)
             target = self.target_margin(top1 - top2)
-            p1_orig = z.softmax(-1).max(-1).values
+            p1_orig = (z / self.temperature).softmax(-1).max(-1).values
             z_new = z.clone().requires_grad_(True)
             opt = torch.optim.Adam([z_new], lr=self.lr)
             for _ in range(self.steps):
@@ -484,7 +498,8 @@ class AAA(Recalibrator):
 
     def params(self) -> dict[str, Any]:
         return {"tau": self.tau, "lr": self.lr, "steps": self.steps,
-                "calib_weight": self.calib_weight, "bpda": self.bpda}
+                "calib_weight": self.calib_weight, "bpda": self.bpda,
+                "temperature": self.temperature, "temperature_fitted": self.fitted}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,8 +13,14 @@ reader's choice kept in ``localStorage``), no CDN, fonts, require.js or MathJax.
 The stages save their figures to ``figures/`` instead of showing them inline, so each page gets
 the figures its stage writes, read from the stage's outputs in ``dvc.yaml`` (DVC resolves the
 ``foreach``/``matrix`` templating); each is placed after the code cell that names its file and
-copied beside the pages. Only the notebooks that a stage of ``dvc.yaml`` writes are rendered, so
-stale notebooks of another profile left in the folder do not leak into the site.
+copied beside the pages. Every figure of a page, saved or an image output, is numbered in
+reading order ("Figure 2.") and captioned: saved figures from :mod:`calib.site.captions` (by
+file name), image outputs from their output's ``metadata["caption"]``. Every table sits in its
+own horizontal scroll box, so a wide one never widens the page; the notebooks show their
+DataFrames through :func:`calib.reporting.show_table` (no index, display names, formatted
+numbers). Only the notebooks that a stage of ``dvc.yaml`` writes are rendered, so stale
+notebooks of another profile left in the folder do not leak into the site. Pages are in natural
+order: numbers by value, so the eps sweep reads 0.02, 0.05, 0.1, 0.2.
 
 Readers do not want tqdm progress bars (stderr or widgets), the notebook's default-parameters
 cell (papermill's injected cell follows it) or execution metadata; all are dropped, and nothing
@@ -41,6 +47,7 @@ from urllib.parse import quote
 
 from calib import paths
 from calib.io import atomic_dir
+from calib.site.captions import caption_for
 from calib.site.clean import as_text, clean_notebook
 
 SITE_TITLE = "Calibration attacks companion"
@@ -58,12 +65,17 @@ OTHER_SECTION = ("other", "Other notebooks")
 
 #: Figures shown as thumbnails on the index, when they exist (path from the repository root).
 KEY_FIGURES: tuple[tuple[str, str], ...] = (
-    ("figures/resnet/fig1_reliability.png", "Figure 1 (ResNet): reliability before and after"),
-    ("figures/resnet/fig2_sweeps.png", "Figure 2 (ResNet): ECE against eps and queries"),
-    ("figures/resnet/table2_detection.png", "Table 2 (ResNet): detecting the attacks"),
-    ("figures/resnet/table4_ece.png", "Table 4 (ResNet): ECE under attack per defence"),
-    ("figures/comparison/size_comparison.png", "Architecture and model size"),
-    ("figures/claims/mma_bound.png", "MMA against its theoretical ECE bound"),
+    ("figures/resnet/fig1_reliability.png",
+     "Fig. 1 (ResNet): reliability diagrams before and after each attack."),
+    ("figures/resnet/fig2_sweeps.png",
+     "Fig. 2 (ResNet): calibration error against eps and against the query budget."),
+    ("figures/resnet/table2_detection.png",
+     "Table 2 (ResNet): how often two detectors spot each attack."),
+    ("figures/resnet/table4_ece.png",
+     "Table 4 (ResNet): ECE of every defence before and after each attack."),
+    ("figures/comparison/size_comparison.png",
+     "Architecture and model size against attack damage."),
+    ("figures/claims/mma_bound.png", "MMA's calibration error against its theoretical bound."),
 )
 
 #: The paper's claims checklist, rendered on the index.
@@ -107,6 +119,7 @@ class Site:
     index: Path
     pages: tuple[Path, ...]
     skipped: tuple[str, ...]  # notebooks in the folder that no pipeline stage writes
+    uncaptioned: tuple[str, ...] = ()  # figures shown without a caption (calib.site.captions)
 
 
 # --------------------------------------------------------------------------------------------
@@ -114,7 +127,8 @@ class Site:
 
 
 def _heading_and_summary(nb: Any) -> tuple[str, str]:
-    """The first ``# heading`` of the notebook and the paragraph that follows it."""
+    """The first ``# heading`` of the notebook and a summary of the paragraph that follows it
+    (its opening sentences, whole: :func:`_first_sentences`)."""
     for cell in nb.cells:
         if cell.cell_type != "markdown":
             continue
@@ -127,13 +141,22 @@ def _heading_and_summary(nb: Any) -> tuple[str, str]:
 
 
 def _first_sentences(paragraph: str, min_chars: int = 160) -> str:
-    """The paragraph's opening sentences, at least ``min_chars`` long (an index summary)."""
+    """The paragraph's opening sentences, at least ``min_chars`` long (an index summary).
+
+    Only whole sentences: the summary ends where a sentence does. A paragraph that introduces
+    a list or table (its last sentence ends with a colon) gets a full stop instead, so the
+    summary never stops mid-thought ("...every later stage uses:").
+    """
     sentences = re.split(r"(?<=[.!?])\s+(?=[A-Z(*`])", " ".join(paragraph.split()))
     summary = ""
     for sentence in sentences:
         summary = f"{summary} {sentence}".strip()
         if len(summary) >= min_chars:
             break
+    if summary.endswith(":"):
+        summary = summary[:-1].rstrip() + "."
+    elif summary and not re.search(r"[.!?][)*_`'\"]*$", summary):
+        summary += "."
     return summary
 
 
@@ -162,8 +185,10 @@ def read_page(path: Path, figures: Sequence[str] = ()) -> Page:
                 figures=tuple(figures))
 
 
-def _natural_key(name: str) -> list[Any]:
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+def _natural_key(name: str) -> tuple[list[Any], str]:
+    """Sort key of a page name: numbers by value, decimals included (eps 0.02 < 0.05 < 0.1)."""
+    parts = re.split(r"(\d+(?:\.\d+)?)", name)
+    return [float(t) if i % 2 else t for i, t in enumerate(parts)], name
 
 
 def find_notebooks(folder: str | Path, select: Collection[str] | None = None
@@ -240,12 +265,33 @@ def figure_id(path: str) -> str:
     return "figure-" + _slug(Path(path).with_suffix("").as_posix().replace("/", "-"))
 
 
-def _figure_html(path: str, *, caption: str | None = None) -> str:
-    src = html.escape(quote(path), quote=True)
-    label = html.escape(caption) if caption else f"<code>{html.escape(path)}</code>"
-    return (f'<figure class="site-figure" id="{figure_id(path)}">'
-            f'<a href="{src}"><img src="{src}" alt="{html.escape(Path(path).name, quote=True)}">'
-            f"</a><figcaption>{label}</figcaption></figure>")
+def _figure_html(src: str, *, number: int, caption: str | None, path: str | None = None
+                 ) -> str:
+    """A numbered figure: the image (linked to its file), "Figure N." and its caption.
+
+    ``path`` is a saved figure's path (it gives the figure its id); without a caption the
+    caption is that path, which the report's browser check reports as missing.
+    """
+    link = html.escape(src, quote=True)
+    if caption:
+        text, alt = html.escape(caption), html.escape(caption, quote=True)
+    else:
+        text = f"<code>{html.escape(path or 'figure')}</code>"
+        alt = html.escape(Path(path).name if path else "figure", quote=True)
+    ident = f' id="{figure_id(path)}"' if path else ""
+    image = f'<img src="{link}" alt="{alt}">'
+    if path:
+        image = f'<a href="{link}">{image}</a>'
+    return (f'<figure class="site-figure"{ident}>{image}<figcaption>'
+            f'<span class="figure-number">Figure {number}.</span> {text}'
+            f"</figcaption></figure>")
+
+
+#: Output metadata key marking a saved figure placed by :func:`place_figures`.
+_FIGURE_KEY = "site_figure"
+#: Image outputs of a notebook cell, shown as numbered figures (caption: the output's
+#: ``metadata["caption"]``, e.g. ``display(Image(...), metadata={"caption": "..."})``).
+_IMAGE_MIMES = ("image/png", "image/jpeg", "image/gif")
 
 
 def place_figures(nb: Any, figures: Sequence[str]) -> None:
@@ -257,7 +303,8 @@ def place_figures(nb: Any, figures: Sequence[str]) -> None:
         name = Path(fig).name
         cell = next((c for c in nb.cells if c.cell_type == "code" and name in as_text(c.source)),
                     None)
-        output = nbformat.v4.new_output("display_data", data={"text/html": _figure_html(fig)})
+        output = nbformat.v4.new_output("display_data", data={"text/html": ""},
+                                        metadata={_FIGURE_KEY: fig})
         if cell is None:
             unplaced.append(output)
         else:
@@ -269,6 +316,37 @@ def place_figures(nb: Any, figures: Sequence[str]) -> None:
                                          id="site-figures")
         cell.outputs = unplaced
         nb.cells.append(cell)
+
+
+def number_figures(nb: Any) -> list[str]:
+    """Turn every figure of the page, saved (placed by :func:`place_figures`) or an image
+    output, into a numbered, captioned ``<figure>`` in reading order; returns the saved figures
+    that have no caption in :data:`calib.site.captions.CAPTIONS`."""
+    uncaptioned: list[str] = []
+    number = 0
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        for out in cell.outputs:
+            meta = out.get("metadata", {})
+            data = out.get("data", {})
+            if _FIGURE_KEY in meta:
+                number += 1
+                path = meta.pop(_FIGURE_KEY)
+                caption = caption_for(path)
+                if caption is None:
+                    uncaptioned.append(path)
+                data["text/html"] = _figure_html(quote(path), number=number, caption=caption,
+                                                 path=path)
+            elif out.get("output_type") in ("display_data", "execute_result") and (
+                    mime := next((m for m in _IMAGE_MIMES if m in data), None)):
+                number += 1
+                payload = "".join(as_text(data[mime]).split())
+                out["data"] = {"text/html": _figure_html(
+                    f"data:{mime};base64,{payload}", number=number,
+                    caption=meta.get("caption"))}
+                out["metadata"] = {}
+    return uncaptioned
 
 
 def html_exporter() -> Any:
@@ -289,13 +367,35 @@ def _tag_empty_code_cells(nb: Any) -> None:
             cell.metadata.setdefault("tags", []).append(NO_OUTPUT_TAG)
 
 
+_TABLE = re.compile(r"<table\b.*?</table>", re.S)
+_WRAPPED = '<div class="table-wrap">'
+
+
+def wrap_tables(body: str) -> str:
+    """Put every table not already in one into its own horizontal scroll box, so a wide table
+    scrolls inside the text column instead of widening the page."""
+    out, pos = [], 0
+    for match in _TABLE.finditer(body):
+        out.append(body[pos:match.start()])
+        before = body[:match.start()].rstrip()
+        if before.endswith(_WRAPPED):
+            out.append(match.group(0))
+        else:
+            out.append(f"{_WRAPPED}{match.group(0)}</div>")
+        pos = match.end()
+    out.append(body[pos:])
+    return "".join(out)
+
+
 def render_body(page: Page, exporter: Any | None = None) -> str:
-    """The page's notebook as HTML, with its figures in place."""
+    """The page's notebook as HTML, with its figures in place, numbered and captioned."""
     nb = copy.deepcopy(page.notebook)
     place_figures(nb, page.figures)
+    number_figures(nb)
     _tag_empty_code_cells(nb)
     exporter = exporter or html_exporter()
     body, _ = exporter.from_notebook_node(nb, resources={"metadata": {"name": page.name}})
+    body = wrap_tables(body)
     return "\n".join(line.rstrip() for line in body.strip().splitlines()) + "\n"
 
 
@@ -315,6 +415,7 @@ def _plain(markdown_inline: str) -> str:
 def render_claims(path: Path) -> str:
     """The claims checklist (Markdown table) as HTML, verdict cells marked for colour."""
     table = _markdown(path.read_text(encoding="utf-8"))
+    table = re.sub(r"(<th[^>]*>)([a-z])", lambda m: m.group(1) + m.group(2).upper(), table)
     table = re.sub(r'<td([^>]*)>(holds|partly|does not hold|not measured)</td>',
                    lambda m: f'<td{m.group(1)} class="verdict verdict-{_slug(m.group(2))}">'
                              f"{m.group(2)}</td>", table)
@@ -402,7 +503,9 @@ def build_site(notebooks: str | Path, out: str | Path, *, root: str | Path = "."
             claims=render_claims(claims) if claims.is_file() else None,
             claims_page=next((p for p in pages if p.section[0] == "claims"), None))
         (tmp / "index.html").write_text(index, encoding="utf-8")
-    return Site(index=Path(out) / "index.html", pages=tuple(written), skipped=tuple(skipped))
+    uncaptioned = sorted({f for page in pages for f in page.figures if caption_for(f) is None})
+    return Site(index=Path(out) / "index.html", pages=tuple(written), skipped=tuple(skipped),
+                uncaptioned=tuple(uncaptioned))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -435,6 +538,9 @@ def main(argv: list[str] | None = None) -> int:
     if site.skipped:
         print(f"skipped {len(site.skipped)} notebooks no stage of dvc.yaml writes (stale?): "
               + ", ".join(site.skipped), file=sys.stderr)
+    if site.uncaptioned:
+        print(f"{len(site.uncaptioned)} figures have no caption in calib/site/captions.py "
+              "(shown with their path): " + ", ".join(site.uncaptioned), file=sys.stderr)
     print(f"wrote {site.index} and {len(site.pages)} pages")
     return 0
 

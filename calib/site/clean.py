@@ -42,7 +42,8 @@ def _clean_outputs(outputs: list[Any]) -> list[Any]:
             if not text:
                 continue
             out["text"] = text
-        out["metadata"] = {}
+        caption = out.get("metadata", {}).get("caption")  # an image's caption (calib.site)
+        out["metadata"] = {"caption": caption} if isinstance(caption, str) and caption else {}
         previous = kept[-1] if kept else None
         if (previous is not None and out.get("output_type") == "stream"
                 and previous.get("output_type") == "stream"
