@@ -14,6 +14,13 @@ forward (the attack's bookkeeping) is measured directly. (a) and (c) are run wit
 threshold that no sample reaches, so every sample is queried in every iteration; (b) stops
 samples that become misclassified, which is why the comparison is per query.
 
+Precisions (``--precisions``, default fp32): (a) and (b) also run on the model wrapped by
+``calib.precision.with_precision(model, resolve_precision(p, device))``, i.e. with its
+forward under bf16 autocast or TF32 where the device has them natively and in fp32 after a
+fallback (the precision used is reported); the counting wrapper sits outside the precision
+wrapper, so the casts are charged to the forward. fp32 is always measured, since the
+speed-ups are quoted against fp32; (c) runs in fp32 only.
+
 Configurations:
   tiny28   a 1-layer conv + linear model on 28x28x1 images (bookkeeping dominates);
   tiny224  the same model on 224x224x3 images;
@@ -23,12 +30,13 @@ Configurations:
 Usage:
   PYTHONPATH=. python benchmarks/bench_square.py [--configs tiny28 tiny224 resnet18]
       [--n 500] [--n224 100] [--iterations 100] [--threads 2] [--repeat 1]
-      [--out results.json]
+      [--precisions fp32 bf16 tf32] [--out results.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -44,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from paper_loop_baseline import calibration_attack_linf
 
 from calib.attacks import square_attack
+from calib.precision import PRECISIONS, resolve_precision, with_precision
 
 EPS = 0.05
 P_INIT = 0.05
@@ -91,6 +100,8 @@ class Timing:
     queries: int
     seconds: float
     forward_seconds: float
+    precision: str = "fp32"
+    precision_used: str = "fp32"
 
     @property
     def per_iteration_ms(self) -> float:
@@ -117,45 +128,77 @@ class Timing:
         return out
 
 
-def _timed(config: str, name: str, model: CountingModel, iterations: int, run) -> Timing:
+def _timed(config: str, name: str, model: CountingModel, iterations: int, run,
+           precision: str, used: str) -> Timing:
     model.reset()
     start = time.perf_counter()
     run()
     seconds = time.perf_counter() - start
-    return Timing(config, name, iterations, model.images, seconds, model.seconds)
+    return Timing(config, name, iterations, model.images, seconds, model.seconds,
+                  precision=precision, precision_used=used)
 
 
 def bench_config(config: str, net: nn.Module, images: torch.Tensor, iterations: int,
-                 repeat: int, skip_baseline: bool) -> list[Timing]:
+                 repeat: int, skip_baseline: bool, precisions: tuple[str, ...] = ("fp32",)
+                 ) -> list[Timing]:
     """Time the implementations ``repeat`` times, interleaved; keep each one's fastest run
-    (the least disturbed by other processes on a shared machine)."""
+    (the least disturbed by other processes on a shared machine).
+
+    ``calib`` and ``torchattacks`` run once per precision, on ``with_precision(net, ...)``
+    inside the counting wrapper; ``paper_loop`` in fp32 only. The labels torchattacks
+    attacks are the fp32 predictions in every precision.
+    """
     import torchattacks
 
-    model = CountingModel(net).eval()
+    net = net.eval()
     with torch.no_grad():
-        labels = model(images).argmax(1)
-    attack = torchattacks.Square(model, norm="Linf", eps=EPS, n_queries=iterations,
-                                 n_restarts=1, p_init=P_INIT, loss="margin", seed=0)
+        labels = net(images).argmax(1)
     x = images.numpy().astype(np.float64)
-    runs = {
-        "calib": lambda: square_attack(
-            model, images, kind="uca", eps=EPS, iterations=iterations, p_init=P_INIT,
-            uca_margin=0.0, batch_size=images.shape[0]),
-        "torchattacks": lambda: attack(images, labels),
-        # The released loop runs n_iters - 1 iterations.
-        "paper_loop": lambda: calibration_attack_linf(
-            model, x, EPS, iterations + 1, p_init=P_INIT, uca_margin=-1.0,
-            batch_size=images.shape[0]),
-    }
-    if skip_baseline:
-        del runs["paper_loop"]
-    best: dict[str, Timing] = {}
+    runs: dict[tuple[str, str], tuple[CountingModel, str, object]] = {}
+    for requested in precisions:
+        chosen = resolve_precision(requested, images.device, warn=False)
+        model = CountingModel(with_precision(net, chosen)).eval()
+        attack = torchattacks.Square(model, norm="Linf", eps=EPS, n_queries=iterations,
+                                     n_restarts=1, p_init=P_INIT, loss="margin", seed=0)
+        runs["calib", requested] = (model, chosen.used, functools.partial(
+            square_attack, model, images, kind="uca", eps=EPS, iterations=iterations,
+            p_init=P_INIT, uca_margin=0.0, batch_size=images.shape[0]))
+        runs["torchattacks", requested] = (model, chosen.used,
+                                           functools.partial(attack, images, labels))
+        if requested == "fp32" and not skip_baseline:
+            # The released loop runs n_iters - 1 iterations.
+            runs["paper_loop", requested] = (model, "fp32", functools.partial(
+                calibration_attack_linf, model, x, EPS, iterations + 1, p_init=P_INIT,
+                uca_margin=-1.0, batch_size=images.shape[0]))
+    best: dict[tuple[str, str], Timing] = {}
     for _ in range(repeat):
-        for name, run in runs.items():
-            t = _timed(config, name, model, iterations, run)
-            if name not in best or t.seconds < best[name].seconds:
-                best[name] = t
+        for key, (model, used, run) in runs.items():
+            t = _timed(config, key[0], model, iterations, run, key[1], used)
+            if key not in best or t.seconds < best[key].seconds:
+                best[key] = t
     return list(best.values())
+
+
+def precision_ratios(timings: list[Timing], config: str) -> str | None:
+    """calib at its fastest precision (of those not fallen back) and at fp32, in queries per
+    second, over torchattacks at fp32 (None when either fp32 row is missing)."""
+    rows = [t for t in timings if t.config == config]
+    # A precision that fell back is fp32 measured again, not a candidate for "fastest".
+    ours = [t for t in rows if t.implementation == "calib" and t.precision == t.precision_used]
+    base = {t.implementation: t for t in rows if t.precision == "fp32"}
+    if "calib" not in base or "torchattacks" not in base:
+        return None
+    ref = base["torchattacks"].queries_per_second
+    fastest = max(ours, key=lambda t: t.queries_per_second)
+    return (f"calib({_label(fastest)}) / torchattacks(fp32) = "
+            f"{fastest.queries_per_second / ref:.2f}x, calib(fp32) / torchattacks(fp32) = "
+            f"{base['calib'].queries_per_second / ref:.2f}x")
+
+
+def _label(t: Timing) -> str:
+    """The precision as requested, with the fallback shown: "bf16", "tf32->fp32"."""
+    return t.precision if t.precision == t.precision_used \
+        else f"{t.precision}->{t.precision_used}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -169,9 +212,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeat", type=int, default=1,
                         help="runs per implementation; the fastest is reported")
     parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument("--precisions", nargs="+", default=["fp32"], choices=PRECISIONS,
+                        help="query precisions of calib and torchattacks (fp32 is always "
+                             "measured; paper_loop runs in fp32 only)")
     parser.add_argument("--out", type=Path, help="write the timings as JSON here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    precisions = tuple(dict.fromkeys(["fp32", *args.precisions]))
 
     gen = torch.Generator().manual_seed(0)
     timings: list[Timing] = []
@@ -183,26 +230,33 @@ def main(argv: list[str] | None = None) -> None:
         else:
             net, images = resnet18_model(0), torch.rand(args.n, 1, 28, 28, generator=gen)
         timings += bench_config(config, net, images, args.iterations, args.repeat,
-                                args.skip_baseline)
+                                args.skip_baseline, precisions)
 
-    header = (f"{'config':9s} {'implementation':13s} {'ms/iter':>9s} {'queries/s':>10s} "
-              f"{'outside fwd':>11s} {'us/query outside':>17s}")
+    header = (f"{'config':9s} {'implementation':13s} {'precision':10s} {'ms/iter':>9s} "
+              f"{'queries/s':>10s} {'outside fwd':>11s} {'us/query outside':>17s}")
     print(f"threads={args.threads} iterations={args.iterations} repeat={args.repeat} "
-          f"n={args.n} n224={args.n224} torch={torch.__version__}")
+          f"n={args.n} n224={args.n224} precisions={','.join(precisions)} "
+          f"torch={torch.__version__}")
     print(header)
     for t in timings:
-        print(f"{t.config:9s} {t.implementation:13s} {t.per_iteration_ms:9.2f} "
-              f"{t.queries_per_second:10.0f} {t.outside_share:11.1%} "
-              f"{t.outside_per_query_us:17.1f}")
-    print("\nspeed-up of calib: queries per second (time outside the forward per query)")
+        print(f"{t.config:9s} {t.implementation:13s} {_label(t):10s} "
+              f"{t.per_iteration_ms:9.2f} {t.queries_per_second:10.0f} "
+              f"{t.outside_share:11.1%} {t.outside_per_query_us:17.1f}")
+    print("\nspeed-up of calib (fp32): queries per second (time outside the forward per query)")
     for config in args.configs:
-        rows = {t.implementation: t for t in timings if t.config == config}
+        rows = {t.implementation: t for t in timings
+                if t.config == config and t.precision == "fp32"}
         ours = rows["calib"]
         ratios = ", ".join(
             f"{ours.queries_per_second / t.queries_per_second:.1f}x "
             f"({t.outside_per_query_us / ours.outside_per_query_us:.1f}x) vs {name}"
             for name, t in rows.items() if name != "calib")
         print(f"  {config}: {ratios}")
+    shown = [c for c in args.configs if len(precisions) > 1 or c == "resnet18"]
+    if shown:
+        print("\nprecision: calib at its fastest precision and at fp32 vs torchattacks at fp32")
+    for config in shown:
+        print(f"  {config}: {precision_ratios(timings, config)}")
     if args.out:
         args.out.write_text(json.dumps([t.row() for t in timings], indent=2) + "\n")
 

@@ -324,6 +324,9 @@ class Attack(_Section):
     """Gradient steps (white-box PGD)."""
     pgd_alpha: float = Field(gt=0)
     """PGD step size."""
+    precision: Literal["fp32", "bf16", "tf32"] = "fp32"
+    """What attack queries run in (fp32, bf16 autocast, TF32 on GPUs; falls back to fp32 where
+    not native). Reported outcomes are re-read in fp32; see benchmarks/precision_check.py."""
 
 
 class FineTune(_Section):

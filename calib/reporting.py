@@ -11,6 +11,7 @@ from __future__ import annotations
 import html
 import os
 import re
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,28 @@ def _with_intervals(row: dict[str, Any], summary: Mapping[str, Any]) -> dict[str
             out[f"{column}_lo"] = summary[f"{key}_lo"]
             out[f"{column}_hi"] = summary[f"{key}_hi"]
     return out
+
+
+def label_flips(summaries: Iterable[Mapping[str, Any]]) -> str:
+    """One line on labels kept across attack runs; a warning naming every run that flipped one.
+
+    SPEC §10 "measured, not assumed": ``label_preserved`` comes from a fresh forward pass
+    (:func:`calib.attacks.base.reevaluate`), so a flip is possible (e.g. a reduced query
+    precision, or a defended model whose output moves between passes). It is counted and
+    shown, and the run's flipped samples count as failures; it does not stop the stage.
+
+    Args:
+        summaries: dicts with ``setting``, ``kind``, ``n`` and ``label_preserved`` (a rate),
+            as :meth:`calib.attacks.AttackResult.summary` gives them.
+    """
+    rows = list(summaries)
+    flipped = [f"{s['setting']}/{s['kind']}: {round((1 - s['label_preserved']) * s['n'])} "
+               f"of {s['n']}" for s in rows if s["label_preserved"] < 1.0]
+    if not flipped:
+        return f"labels kept in every run ({len(rows)} runs, re-read in a fresh forward pass)"
+    message = ("predicted labels changed (counted as failed attacks): " + "; ".join(flipped))
+    warnings.warn(message, UserWarning, stacklevel=2)
+    return message
 
 
 def table1(summaries: Iterable[Mapping[str, Any]]) -> pd.DataFrame:

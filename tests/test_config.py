@@ -49,7 +49,7 @@ MISSPELT = [
     (("attack", "square_iteration"), 100,
      "attack.square_iteration: unknown key; did you mean 'square_iterations'? allowed in attack: "
      "settings, kinds, eps, eps_l2, square_iterations, square_p_init, pgd_iterations, "
-     "pgd_alpha"),
+     "pgd_alpha, precision"),
     (("atack",), {"eps": 0.1},
      "atack: unknown key; did you mean 'attack'? allowed at the top level: profile, seed, "
      "device, data, models, train, attack, defend, sweep, analysis"),

@@ -39,6 +39,7 @@ from calib.attacks import run_attack
 from calib.attacks.base import Thresholds, reevaluate
 from calib.attacks.grid import AttackGrid, GridRun
 from calib.checks import check_int, check_number
+from calib.precision import resolve_precision, with_precision
 
 #: Verdicts used in the checklist.
 VERDICTS = ("holds", "partly", "does not hold", "not measured")
@@ -236,7 +237,8 @@ def stopping_rule_ece(accuracy: float, *, uca_margin: float = Thresholds.uca_mar
 def push_to_bound(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                   index: torch.Tensor, *, setting: str, eps_linf: float, eps_l2: float,
                   iterations: int, square_p_init: float, pgd_alpha: float | None,
-                  seed: int = 0, batch_size: int = 256, show_progress: bool = False
+                  precision: str = "fp32", seed: int = 0, batch_size: int = 256,
+                  show_progress: bool = False
                   ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """MMA with UCA's ``uca_objective="confidence"``: how close a label-preserving attack gets
     to ``1 - q/K``.
@@ -253,6 +255,8 @@ def push_to_bound(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
         eps_linf, eps_l2, square_p_init, pgd_alpha: as in the attack stage
             (:class:`calib.attacks.grid.AttackGrid`).
         iterations: the budget (Square queries or PGD steps, whichever ``setting`` runs).
+        precision: what the attack's queries run in (:mod:`calib.precision`); the outcome is
+            re-read in fp32.
         seed, batch_size, show_progress: passed to :func:`calib.attacks.run_attack`.
 
     Returns:
@@ -261,10 +265,11 @@ def push_to_bound(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     """
     grid = AttackGrid(settings=setting, kinds="mma", eps_linf=eps_linf, eps_l2=eps_l2,
                       square_iterations=iterations, square_p_init=square_p_init,
-                      pgd_iterations=iterations, pgd_alpha=pgd_alpha)
+                      pgd_iterations=iterations, pgd_alpha=pgd_alpha, precision=precision)
     labels = labels.detach().cpu().long()
+    queried = with_precision(model, resolve_precision(grid.precision, images.device))
     start = time.perf_counter()
-    result = run_attack(model, images, kind="mma", labels=labels, seed=seed,
+    result = run_attack(queried, images, kind="mma", labels=labels, seed=seed,
                         batch_size=batch_size, show_progress=show_progress,
                         uca_objective="confidence", **grid.arguments(setting))
     result = reevaluate(result, model, batch_size=batch_size)

@@ -204,12 +204,14 @@ class SweepBudget:
         pgd_alpha_fraction: PGD step = this x eps (the attack stage's 0.04 at eps 0.1 is 0.4;
             the paper's 5/255 at eps 0.05 is 0.39), so every eps gets the same number of
             steps across its ball.
+        precision: what the attacks' queries run in (:data:`calib.precision.PRECISIONS`).
     """
 
     square_iterations: int = 500
     square_p_init: float = 0.3
     pgd_iterations: int = 20
     pgd_alpha_fraction: float = 0.4
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         check_int("square_iterations", self.square_iterations, minimum=1)
@@ -227,7 +229,8 @@ class SweepBudget:
                           square_iterations=self.square_iterations,
                           square_p_init=self.square_p_init,
                           pgd_iterations=self.pgd_iterations,
-                          pgd_alpha=self.pgd_alpha_fraction * eps)
+                          pgd_alpha=self.pgd_alpha_fraction * eps,
+                          precision=self.precision)
 
 
 def run_sweep_point(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *,

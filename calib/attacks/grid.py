@@ -39,6 +39,7 @@ from calib.checks import (
     check_number,
 )
 from calib.io import load_tensors, save_tensors, write_text
+from calib.precision import PRECISIONS, Precision, resolve_precision, with_precision
 
 __all__ = [
     "ADVERSARIAL_FILE",
@@ -113,6 +114,8 @@ class AttackGrid:
         square_p_init: initial fraction of pixels a Square Attack window covers.
         pgd_iterations: gradient steps of the white-box PGD.
         pgd_alpha: PGD step size (None: the attack's default for its eps).
+        precision: what the attacks' forward passes run in (:data:`calib.precision.PRECISIONS`;
+            falls back to fp32 where not native). Reported outcomes are re-read in fp32.
     """
 
     settings: tuple[str, ...] = ("square-linf", "pgd-linf")
@@ -123,6 +126,7 @@ class AttackGrid:
     square_p_init: float = 0.3
     pgd_iterations: int = 100
     pgd_alpha: float | None = None
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         # Frozen: normalise the name lists through object.__setattr__ once, here.
@@ -136,6 +140,7 @@ class AttackGrid:
         check_number("square_p_init", self.square_p_init, low=0.0, high=1.0, low_open=True)
         if self.pgd_alpha is not None:
             check_number("pgd_alpha", self.pgd_alpha, low=0.0, low_open=True)
+        check_choice("precision", self.precision, PRECISIONS)
 
     def eps(self, norm: str) -> float:
         """The radius of the ``norm`` ball ("linf" or "l2")."""
@@ -166,12 +171,14 @@ class GridRun:
         results: (setting, kind) -> :class:`~calib.attacks.AttackResult`, in grid order.
         labels: (N,) int64 true labels of the attacked images, on the CPU.
         seconds: wall time of all the attacks.
+        precision: what the attacks' queries ran in (after any fallback).
     """
 
     grid: AttackGrid
     results: dict[tuple[str, str], AttackResult]
     labels: torch.Tensor
     seconds: float
+    precision: Precision | None = None
 
     def summaries(self, **columns: Any) -> list[dict[str, Any]]:
         """One flat dict per run: ``columns``, ``setting`` and :meth:`AttackResult.summary`."""
@@ -239,22 +246,28 @@ def run_grid(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, grid:
         batch_size: images attacked together (bounds memory).
         show_progress: a tqdm bar per run.
 
+    The attacks query ``model`` in ``grid.precision`` (see :mod:`calib.precision`); what is
+    reported (predictions, confidences, success, labels kept) comes from a fresh fp32 forward
+    pass of ``model`` itself, so a reduced precision can cost success but never misreport it.
+
     Raises:
         ValueError: bad images or labels, before any attack runs.
     """
     check_images(images)
     labels = check_labels(labels, images.shape[0]).detach().cpu().long()
+    precision = resolve_precision(grid.precision, images.device)
+    attacked = with_precision(model, precision)
     start = time.perf_counter()
     results: dict[tuple[str, str], AttackResult] = {}
     for setting in grid.settings:
         arguments = grid.arguments(setting)
         for kind in grid.kinds:
-            result = run_attack(model, images, kind=kind, labels=labels, seed=seed,
+            result = run_attack(attacked, images, kind=kind, labels=labels, seed=seed,
                                 batch_size=batch_size, show_progress=show_progress,
                                 **arguments)
-            # Labels kept, confidences and success as a fresh forward pass sees them.
+            # Labels kept, confidences and success as a fresh fp32 forward pass sees them.
             results[setting, kind] = reevaluate(result, model, batch_size=batch_size)
-    return GridRun(grid, results, labels, time.perf_counter() - start)
+    return GridRun(grid, results, labels, time.perf_counter() - start, precision)
 
 
 def write_records(folder: str | Path, run: GridRun, index: torch.Tensor, *,

@@ -1,0 +1,94 @@
+"""May the pipeline query its models in bf16 (or TF32)? The check behind ``attack.precision``.
+
+For each trained pipeline model (``models/<name>`` from ``dvc repro train``) it runs the
+profile's attack grid (``params.yaml``'s ``attack`` section: settings, kinds, eps, budgets,
+the attack split) twice on the same images and seed, once with fp32 queries and once with the
+reduced precision, and prints :func:`calib.analysis.precision.compare_precisions`'s verdict:
+clean predictions must agree 100% and every Table 1 number (success, accuracy, confidence,
+ECE, KS after) must stay inside the fp32 run's 95% bootstrap interval. Both runs' reported
+numbers are re-read in fp32, so the check measures what the reduced queries do to the attack.
+
+Usage::
+
+    PYTHONPATH=. .venv/bin/python benchmarks/precision_check.py --models resnet vit \
+        [--precision bf16] [--n 500] [--out precision_check.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from calib import data, models, paths  # noqa: E402
+from calib.analysis.precision import compare_precisions  # noqa: E402
+from calib.attacks.grid import AttackGrid  # noqa: E402
+from calib.io import read_json  # noqa: E402
+
+
+def grid_from_params(attack: dict) -> AttackGrid:
+    """The attack stage's grid from ``params.yaml``'s ``attack`` section."""
+    return AttackGrid(settings=attack["settings"], kinds=attack["kinds"], eps_linf=attack["eps"],
+                      eps_l2=attack["eps_l2"], square_iterations=attack["square_iterations"],
+                      square_p_init=attack["square_p_init"],
+                      pgd_iterations=attack["pgd_iterations"], pgd_alpha=attack["pgd_alpha"])
+
+
+def check_model(name: str, grid: AttackGrid, *, precision: str, n: int | None, seed: int
+                ) -> dict:
+    meta = read_json(ROOT / paths.DATASET_FILE)
+    spec = read_json(ROOT / paths.model_dir(name) / "model.json")
+    splits = data.load_splits(ROOT / paths.SPLITS_FILE)
+    index = splits["attack"] if n is None else splits["attack"][:n]
+    test = data.load_split(meta["dataset"], ROOT / "data/raw", "test", img_size=spec["img_size"],
+                           in_chans=spec["in_chans"])
+    images, labels = test.tensors(index)
+    model = models.load_trained(ROOT / paths.model_dir(name))
+    check = compare_precisions(model, images, labels, grid, precision=precision, seed=seed,
+                               show_progress=True)
+    table = check.table()
+    with_width = table.assign(width=table.fp32_hi - table.fp32_lo)
+    print(f"\n== {name}: {len(labels)} images, {precision} ==")
+    print(with_width.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    print(f"seconds: {check.seconds}")
+    print(check.verdict())
+    return {"model": name, "n": len(labels), "precision": precision,
+            "used": check.precision.used, "reason": check.precision.reason,
+            "agreement": check.agreement, "passed": check.passed,
+            "seconds": check.seconds, "verdict": check.verdict(),
+            "largest_move_in_interval_widths": float(
+                (table.difference.abs() / (table.fp32_hi - table.fp32_lo).clip(lower=1e-12))
+                .max()),
+            "rows": check.rows}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["resnet", "vit"])
+    parser.add_argument("--precision", default="bf16", choices=["bf16", "tf32"])
+    parser.add_argument("--n", type=int, default=None,
+                        help="first N images of the attack split (default: all of it)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    grid = grid_from_params(params["attack"])
+    results = [check_model(name, grid, precision=args.precision, n=args.n, seed=args.seed)
+               for name in args.models]
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=2))
+    return 0 if all(r["passed"] for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

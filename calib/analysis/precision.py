@@ -1,0 +1,126 @@
+"""Is a reduced query precision safe for a profile? fp32 against bf16/TF32 on the attacked set.
+
+A profile may set ``attack.precision`` to something other than fp32 only after this check has
+passed on its models (SPEC §10, "measured, not assumed"):
+
+1. the clean predictions of the attacked images agree 100% between fp32 and the reduced
+   precision (a reduced forward that moves a label would attack a different prediction);
+2. every Table 1 number of the grid run with reduced-precision queries (success rate,
+   accuracy, confidence, ECE and KS after the attack; all re-read in fp32) lies inside the 95%
+   bootstrap interval of the same number from the fp32 run, on the same images and seed.
+
+``benchmarks/precision_check.py`` runs it on the trained pipeline models and prints the table;
+its numbers are recorded in ``benchmarks/README.md``.
+
+Example:
+    >>> check = compare_precisions(model, images, labels, grid, precision="bf16")
+    >>> check.passed, check.speedup
+    >>> check.table()          # one row per (setting, kind, metric)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import pandas as pd
+import torch
+from torch import nn
+
+from calib.attacks.grid import AttackGrid, GridRun, run_grid
+from calib.precision import Precision, resolve_precision, with_precision
+from calib.runtime import predict_logits
+
+__all__ = ["CHECKED_METRICS", "PrecisionCheck", "clean_agreement", "compare_precisions"]
+
+#: Table 1 numbers that must stay inside fp32's 95% interval.
+CHECKED_METRICS: tuple[str, ...] = ("success_rate", "accuracy_after", "confidence_after",
+                                    "ece_after", "ks_after")
+
+
+def clean_agreement(model: nn.Module, images: torch.Tensor, precision: Precision, *,
+                    batch_size: int = 256) -> float:
+    """Fraction of ``images`` (N, C, H, W) whose argmax is the same in fp32 and ``precision``."""
+    reference = predict_logits(model, images, batch_size=batch_size).argmax(1)
+    reduced = predict_logits(with_precision(model, precision), images,
+                             batch_size=batch_size).argmax(1)
+    return float((reference == reduced).double().mean())
+
+
+@dataclass
+class PrecisionCheck:
+    """Outcome of :func:`compare_precisions`.
+
+    Attributes:
+        precision: the reduced precision as resolved on the device (``used`` may be fp32
+            after a fallback, in which case the check compares fp32 with itself and says so).
+        agreement: clean-prediction agreement with fp32, in [0, 1].
+        rows: one dict per (setting, kind, metric): fp32 value and interval, reduced value,
+            difference, inside.
+        seconds: wall time of the fp32 and the reduced grid run.
+    """
+
+    precision: Precision
+    agreement: float
+    rows: list[dict]
+    seconds: dict[str, float]
+
+    @property
+    def passed(self) -> bool:
+        return self.agreement == 1.0 and all(r["inside"] for r in self.rows)
+
+    @property
+    def speedup(self) -> float:
+        """fp32 grid time over reduced-precision grid time."""
+        return self.seconds["fp32"] / self.seconds[self.precision.used]
+
+    def table(self) -> pd.DataFrame:
+        return pd.DataFrame(self.rows)
+
+    def verdict(self) -> str:
+        """One sentence: passed or not, and on what."""
+        if self.precision.fell_back:
+            return f"not checked: {self.precision.reason}"
+        outside = [f"{r['setting']}/{r['kind']} {r['metric']}" for r in self.rows
+                   if not r["inside"]]
+        head = (f"{self.precision.used}: clean predictions agree {self.agreement:.2%}, "
+                f"{len(self.rows) - len(outside)}/{len(self.rows)} Table 1 numbers inside "
+                f"fp32's 95% interval, {self.speedup:.2f}x faster")
+        if self.passed:
+            return f"passed ({head})"
+        return f"FAILED ({head}; outside: {', '.join(outside) or 'none'})"
+
+
+def _summaries(run: GridRun) -> dict[tuple[str, str], dict]:
+    return {(s["setting"], s["kind"]): s for s in run.summaries()}
+
+
+def compare_precisions(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                       grid: AttackGrid, *, precision: str = "bf16", seed: int = 0,
+                       batch_size: int = 256, show_progress: bool = False) -> PrecisionCheck:
+    """Run ``grid`` with fp32 queries and with ``precision`` queries; compare Table 1.
+
+    Args:
+        model: the trained model (images (N, C, H, W) in [0, 1] -> logits (N, K)).
+        images, labels: the attacked set, on the model's device.
+        grid: the profile's attack grid (its own ``precision`` is ignored).
+        precision: the reduced precision to check ("bf16" or "tf32").
+        seed, batch_size, show_progress: as :func:`calib.attacks.grid.run_grid`.
+    """
+    chosen = resolve_precision(precision, images.device)
+    agreement = clean_agreement(model, images, chosen, batch_size=batch_size)
+    reference = run_grid(model, images, labels, replace(grid, precision="fp32"), seed=seed,
+                         batch_size=batch_size, show_progress=show_progress)
+    reduced = run_grid(model, images, labels, replace(grid, precision=chosen.used), seed=seed,
+                       batch_size=batch_size, show_progress=show_progress)
+    ref, red = _summaries(reference), _summaries(reduced)
+    rows = []
+    for (setting, kind), s in ref.items():
+        for metric in CHECKED_METRICS:
+            lo, hi, value = s[f"{metric}_lo"], s[f"{metric}_hi"], red[setting, kind][metric]
+            rows.append({"setting": setting, "kind": kind, "metric": metric,
+                         "fp32": s[metric], "fp32_lo": lo, "fp32_hi": hi,
+                         "reduced": value,
+                         "difference": value - s[metric], "inside": lo <= value <= hi})
+    seconds = {"fp32": reference.seconds}
+    seconds[chosen.used] = reduced.seconds if chosen.used != "fp32" else reference.seconds
+    return PrecisionCheck(chosen, agreement, rows, seconds)
