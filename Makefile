@@ -5,7 +5,7 @@ PROFILE ?= default
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export PYTHONHASHSEED := 0
 
-.PHONY: setup reproduce pull push compare test test-fast lint profile smoke bench clean-outputs launch
+.PHONY: setup reproduce pull push compare test test-all test-fast lint profile smoke bench clean-outputs launch
 
 setup:
 	@VENV=$(VENV) bash scripts/setup.sh
@@ -31,6 +31,10 @@ compare: setup
 
 ## Unit, property and notebook-convention tests, plus one end-to-end smoke run of the pipeline.
 test: setup
+	python -m pytest -q -m "not extended"
+
+## Also the extended runs: the paper profile on fake data at CPU scale (about 15 minutes more).
+test-all: setup
 	python -m pytest -q
 
 ## Everything but the end-to-end pipeline run.

@@ -120,7 +120,7 @@ def _check_robustbench_model(name: str) -> None:
     check_options(model_name=name)
 
 
-def _parse_names(key: str, value: str, allowed: Sequence[str]) -> list[str]:
+def _parse_names(key: str, value: str, allowed: Sequence[str] | None) -> list[str]:
     from calib.attacks.grid import parse_names
 
     return parse_names(key, value, allowed)
@@ -279,6 +279,9 @@ class Model(_Section):
     """Input side in pixels; images are resized to it."""
     train: Train
     """Training hyper-parameters."""
+    attack_settings: Annotated[str, _Names(_settings)] | None = None
+    """Settings the attack stage runs on this model (default: all of attack.settings). A model
+    only the architecture/imbalance comparison reads needs only analysis.compare.setting."""
 
     @field_validator("arch")
     @classmethod
@@ -671,6 +674,7 @@ class Params(_Section):
             if setting not in attacked:
                 errors.append((loc, setting, f"{setting!r} is not attacked; choose one of "
                                              f"attack.settings {attacked}"))
+        errors += self._restricted_attacks(attacked)
         size = self.data.attack_size
         for section, n_images in (("defend", self.defend.n_images),
                                   ("sweep", self.sweep.n_images)):
@@ -693,6 +697,45 @@ class Params(_Section):
                                  loc=loc, input=value)
                 for loc, value, message in errors])
         return self
+
+    def _restricted_attacks(self, attacked: list[str]
+                            ) -> list[tuple[tuple[str | int, ...], Any, str]]:
+        """``models.<m>.attack_settings``: within attack.settings, and covering what reads it.
+
+        The models whose whole attack grid is read (analysis.models, the detection model, the
+        claims' main models) may not restrict it; a compared model must attack
+        analysis.compare.setting and a model with training-seed copies train.setting.
+        """
+        analysis = self.analysis
+        def names(text: str) -> set[str]:  # lists are checked elsewhere; read them leniently
+            return {name.strip() for name in text.split(",") if name.strip()}
+
+        whole = {*self.analysis.models, analysis.detection.model,
+                 *names(analysis.claims.main_models)}
+        compared = names(analysis.compare.models)
+        errors: list[tuple[tuple[str | int, ...], Any, str]] = []
+        for name, model in self.models.items():
+            if model.attack_settings is None:
+                continue
+            loc = ("models", name, "attack_settings")
+            chosen = sorted(names(model.attack_settings))  # the field checked the names
+            if name in whole:
+                errors.append((loc, model.attack_settings, f"{name!r} is read by the analyses "
+                               "(analysis.models, analysis.detection.model or "
+                               "analysis.claims.main_models), which need every setting of "
+                               "attack.settings; remove the key"))
+                continue
+            needed = [*([analysis.compare.setting] if name in compared else []),
+                      *([self.train.setting] if name in self.train.models else [])]
+            for setting in chosen:
+                if setting not in attacked:
+                    errors.append((loc, setting, f"{setting!r} is not attacked; choose from "
+                                                 f"attack.settings {attacked}"))
+            for setting in needed:
+                if setting not in chosen:
+                    errors.append((loc, model.attack_settings, f"must include {setting!r} "
+                                   f"(read by the analyses of {name!r})"))
+        return errors
 
 
 # --- readable messages ----------------------------------------------------------------------------

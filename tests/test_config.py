@@ -286,6 +286,37 @@ def test_settings_analysed_must_be_attacked(params):
         "['square-linf', 'pgd-linf']"]
 
 
+@pytest.mark.parametrize("model,value,message", [
+    ("resnet", "square-linf", "models.resnet.attack_settings: 'resnet' is read by the analyses "
+     "(analysis.models, analysis.detection.model or analysis.claims.main_models), which need "
+     "every setting of attack.settings; remove the key"),
+    ("resnet_small", "pgd-linf", "models.resnet_small.attack_settings: must include "
+     "'square-linf' (read by the analyses of 'resnet_small')"),
+    ("vit_small", "square-linf,square-l1", "models.vit_small.attack_settings: attack_settings "
+     "must be one of ['square-linf', 'square-l2', 'pgd-linf'], got 'square-l1'"),
+])
+def test_a_model_attacks_fewer_settings_only_where_nothing_reads_them(params, model, value,
+                                                                      message):
+    params["models"][model]["attack_settings"] = value
+    assert _errors(params) == [message]
+
+
+def test_restricted_settings_must_be_attacked(params):
+    params["attack"]["settings"] = "square-linf,square-l2"
+    params["models"]["resnet_lt"]["attack_settings"] = "square-linf,pgd-linf"
+    assert _errors(params) == [
+        "models.resnet_lt.attack_settings: 'pgd-linf' is not attacked; choose from "
+        "attack.settings ['square-linf', 'square-l2']"]
+
+
+def test_the_default_profile_attacks_the_extra_models_only_in_the_compared_setting(default):
+    setting = default["analysis"]["compare"]["setting"]
+    extra = {"resnet_small", "vit_small", "resnet_lt"}
+    assert {m: default["models"][m].get("attack_settings") for m in extra} == dict.fromkeys(
+        extra, setting)
+    assert all("attack_settings" not in default["models"][m] for m in ("resnet", "vit"))
+
+
 def test_model_lists_name_models(params):
     params["analysis"]["claims"]["main_models"] = "resnet,resnet"
     assert _errors(params) == [

@@ -33,7 +33,8 @@ from calib import data
 from calib.io import read_metrics
 from calib.profiles import deep_merge, render_profile
 
-pytestmark = pytest.mark.slow
+# The paper profile's 26 stages at CPU scale take about 13 minutes on 2 cores: `make test-all`.
+pytestmark = [pytest.mark.slow, pytest.mark.extended]
 
 MODELS = ("resnet", "vit", "resnet_small", "vit_small", "resnet_lt")
 
