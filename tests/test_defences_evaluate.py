@@ -284,6 +284,31 @@ def test_findings_come_from_the_table(table):
         findings(pd.concat([table, table.assign(model="other")]))
 
 
+def test_findings_judge_differences_paired_only(table):
+    """Above/below the undefended model is said only from the paired table, with "within
+    noise" a possible outcome; without it no sentence claims a difference."""
+    assert not any("lower:" in line or "higher:" in line for line in findings(table))
+    defences = [d for d in table["defence"].unique() if d != "none"]
+    outcomes = ["lower", "higher", "within noise"]
+    paired = pd.DataFrame([{
+        "setting": s, "defence": d, "diff": -0.1, "diff_lo": -0.2, "diff_hi": -0.05,
+        "outcome": outcomes[i % 3], "clean_diff": 0.01, "clean_diff_lo": -0.01,
+        "clean_diff_hi": 0.03, "clean_outcome": "within noise"}
+        for s in table["setting"].unique() for i, d in enumerate(defences)])
+    lines = findings(table, paired=paired)
+    judged = [line for line in lines if "paired 95% interval" in line]
+    assert len(judged) == table["setting"].nunique()
+    assert f"lower: {defences[0]} (-0.100 [-0.200, -0.050])" in judged[0]
+    assert f"within noise: {defences[2]}" in judged[0]
+    clean = [line for line in lines if "clean ECE on the same images" in line]
+    assert all("lower: none; higher: none; within noise:" in line for line in clean)
+    cs = [line for line in lines if line.startswith("**CS, ")]
+    assert cs and all("paired difference +0.010 [-0.010, +0.030]: within noise" in line
+                      for line in cs)
+    with pytest.raises(ValueError, match="clean_outcome"):
+        findings(table, paired=paired.drop(columns="clean_outcome"))
+
+
 def test_heatmap_figure(table, tmp_path):
     from calib import plots
 

@@ -651,55 +651,75 @@ def _fmt(x: float) -> str:
     return f"{x:.3f}"
 
 
-def findings(table: pd.DataFrame, *, reference: str = NO_DEFENCE) -> list[str]:
-    """Key sentences about one model's Table 4, each computed from the table itself.
+def _judged(part: pd.DataFrame, outcome_col: str, diff: str) -> str:
+    groups = []
+    for outcome in ("lower", "higher", "within noise"):
+        rows = part[part[outcome_col] == outcome]
+        names = ", ".join(f"{r['defence']} ({r[diff]:+.3f} [{r[diff + '_lo']:+.3f}, "
+                          f"{r[diff + '_hi']:+.3f}])" for _, r in rows.iterrows())
+        groups.append(f"{outcome}: {names or 'none'}")
+    return "; ".join(groups)
+
+
+def findings(table: pd.DataFrame, *, paired: pd.DataFrame | None = None,
+             reference: str = NO_DEFENCE) -> list[str]:
+    """Key sentences about one model's Table 4, each computed from the tables themselves.
 
     Args:
         table: :func:`calib.reporting.table4` rows of ONE model (columns defence, setting,
             attack, ece_before, ece_after, conf_after, ...).
+        paired: every defence against ``reference`` on the same images, per setting
+            (:func:`calib.analysis.claims.defence_comparison` of one setting's records, with a
+            ``setting`` column): ``diff`` (mean post-attack ECE, defence - undefended) and
+            ``clean_diff`` with their 95% paired-bootstrap intervals and outcomes ("lower",
+            "higher", "within noise"). Without it no sentence says a defence is above or
+            below the undefended model: a difference of means over a few hundred images can
+            be noise (SPEC §10).
         reference: the undefended row the others are compared with.
 
     Returns:
         Markdown sentences: per setting, the defence with the lowest mean post-attack ECE and
-        the attack each defence fares worst against; how the defences compare with the
-        reference on clean data and after the attacks; and, where those defences were run,
-        what Compression Scaling and AAA did.
+        the attack each defence fares worst against; with ``paired``, which defences lower or
+        raise the post-attack and the clean ECE beyond noise and which are within noise; and,
+        where those defences were run, what Compression Scaling and AAA did.
     """
     if table.empty:
         return ["No defence was evaluated."]
     if table["model"].nunique() > 1:
         raise ValueError("findings() reads one model's table; filter it by model first")
+    if paired is not None:
+        need = {"defence", "setting", "diff", "diff_lo", "diff_hi", "outcome", "clean_diff",
+                "clean_diff_lo", "clean_diff_hi", "clean_outcome"}
+        if not need <= set(paired.columns):
+            raise ValueError(f"paired lacks column(s) {sorted(need - set(paired.columns))}")
     out: list[str] = []
     has_ref = reference in set(table["defence"])
     for setting, part in table.groupby("setting", sort=True):
         mean_after = part.groupby("defence", sort=False)["ece_after"].mean()
-        clean = part.groupby("defence", sort=False)["ece_before"].first()
         best = mean_after.idxmin()
         line = (f"**{setting}**: the lowest post-attack ECE averaged over the attacks is "
                 f"**{best}** ({_fmt(mean_after[best])})")
         if has_ref:
-            ref_after = mean_after[reference]
-            line += f", against {_fmt(ref_after)} without a defence"
-            helped = [d for d in mean_after.index if d != reference and mean_after[d] < ref_after]
-            hurt = [d for d in mean_after.index if d != reference and mean_after[d] > ref_after]
-            line += (f". Lower than the undefended model's: {', '.join(helped) or 'none'}; "
-                     f"higher: {', '.join(hurt) or 'none'}")
-            better_clean = [d for d in clean.index if d != reference
-                            and clean[d] < clean[reference]]
-            line += (f". On clean inputs (ECE {_fmt(clean[reference])} undefended), better "
-                     f"calibrated: {', '.join(better_clean) or 'none'}.")
-        else:
-            line += "."
-        out.append(line)
+            line += f", against {_fmt(mean_after[reference])} without a defence"
+        out.append(line + ".")
+        judged = (paired[(paired["setting"] == setting) & (paired["defence"] != reference)]
+                  if paired is not None else pd.DataFrame())
+        if not judged.empty:
+            out.append(f"**{setting}**, mean post-attack ECE against the undefended model on the "
+                       f"same images (difference, paired 95% interval): "
+                       f"{_judged(judged, 'outcome', 'diff')}.")
+            out.append(f"**{setting}**, clean ECE on the same images against the undefended "
+                       f"model: {_judged(judged, 'clean_outcome', 'clean_diff')}.")
         worst = part.loc[part.groupby("defence", sort=False)["ece_after"].idxmax()]
         pairs = "; ".join(f"{r.defence}: {r.attack} ({_fmt(r.ece_after)})"
                           for r in worst.itertuples())
         out.append(f"**{setting}**, the attack that hurts each defence most: {pairs}.")
-    out += _cs_findings(table, reference) + _aaa_findings(table, reference)
+    out += _cs_findings(table, reference, paired) + _aaa_findings(table, reference)
     return out
 
 
-def _cs_findings(table: pd.DataFrame, reference: str) -> list[str]:
+def _cs_findings(table: pd.DataFrame, reference: str,
+                 paired: pd.DataFrame | None = None) -> list[str]:
     cs = table[table["defence"] == "cs"]
     if cs.empty:
         return []
@@ -713,14 +733,18 @@ def _cs_findings(table: pd.DataFrame, reference: str) -> list[str]:
     for setting in sorted(set(cs["setting"]) & set(ref["setting"])):
         c = cs[cs["setting"] == setting].set_index("attack")
         r = ref[ref["setting"] == setting].set_index("attack")
-        clean_cmp = "higher" if c["ece_before"].iloc[0] > r["ece_before"].iloc[0] else "lower"
         sentence = (f"**CS, {setting}**: clean ECE {_fmt(c['ece_before'].iloc[0])} vs "
-                    f"{_fmt(r['ece_before'].iloc[0])} undefended ({clean_cmp})")
+                    f"{_fmt(r['ece_before'].iloc[0])} undefended")
+        row = (paired[(paired["setting"] == setting) & (paired["defence"] == "cs")]
+               if paired is not None else pd.DataFrame())
+        if not row.empty:  # judged on the same images (paired), not on the two means
+            row = row.iloc[0]
+            sentence += (f" (paired difference {row['clean_diff']:+.3f} "
+                         f"[{row['clean_diff_lo']:+.3f}, {row['clean_diff_hi']:+.3f}]: "
+                         f"{row['clean_outcome']})")
         if "UCA" in c.index and "UCA" in r.index:
-            uca_cmp = "lower" if c.loc["UCA", "ece_after"] < r.loc["UCA", "ece_after"] \
-                else "not lower"
             sentence += (f"; after UCA {_fmt(c.loc['UCA', 'ece_after'])} vs "
-                         f"{_fmt(r.loc['UCA', 'ece_after'])} undefended ({uca_cmp})")
+                         f"{_fmt(r.loc['UCA', 'ece_after'])} undefended")
         if "OCA" in c.index and "OCA" in r.index:
             sentence += (f"; after OCA {_fmt(c.loc['OCA', 'ece_after'])} vs "
                          f"{_fmt(r.loc['OCA', 'ece_after'])}")

@@ -80,6 +80,9 @@ CAPTIONS: dict[str, str] = {
     # 50_claims
     "mma_bound.png": "ECE and KS error reached by MMA per model and setting, against the clean "
                      "ECE and the theoretical bound 1 − q/K.",
+    "perturbations.png": "The first attacked images under Square L∞, Square L2 and PGD L∞ UCA: "
+                         "each adversarial image next to its perturbation on one shared colour "
+                         "scale, titled with its L∞ and L2 norms.",
 }
 
 
