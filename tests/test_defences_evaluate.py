@@ -411,6 +411,9 @@ def test_training_evidence_says_whether_adversarial_training_worked():
     assert list(table.index) == ["none", "pgd_at", "caat"]
     assert table.loc["pgd_at", "verdict"] == "worked" and table.loc["pgd_at", "outcome"] == "higher"
     assert table.loc["caat", "verdict"] == "failed"
+    assert table.loc["none", "outcome"] == "reference"
+    assert table.loc["none", "verdict"] == "not adversarial training"
+    assert not table[["outcome", "verdict"]].isna().any().any(), "no NaN text cells"
     assert table.loc["caat", "outcome"] == "within noise"
     assert table.loc["caat", "levelled_off"] == "val_accuracy"
     assert table.loc["pgd_at", "levelled_off"] == "val loss and accuracy"

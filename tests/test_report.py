@@ -664,10 +664,10 @@ def test_committed_site_renders_cleanly_in_a_browser():
     index = ROOT / "reports/site/index.html"
     assert index.is_file(), f"{index} is missing: it is committed (dvc repro -s report rebuilds it)"
     chromium = require_browser()
-    # The committed site is rebuilt only by a full pipeline run, so it may be older than the
-    # report's code: it gets the checks of a working site, not the strict ones of a fresh build
-    # (tests/test_smoke_pipeline.py and test_tiny_site_renders_cleanly_in_a_browser).
-    assert check_site(index, chromium=chromium) == []
+    # The committed site comes from the full default pipeline (dvc repro), so it gets the
+    # same strict checks as a fresh build: tables fit, no index column, no truncated frame,
+    # every figure captioned.
+    assert check_site(index, chromium=chromium, strict=True) == []
 
 
 def test_committed_site_holds_every_page_the_index_lists():

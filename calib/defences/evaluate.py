@@ -607,10 +607,11 @@ def training_evidence(runs: Mapping[str, Mapping[str, Any]], *, reference: str =
     Returns:
         One row per defence with a robust accuracy: ``robust_accuracy`` with its 95% interval,
         ``vs_undefended`` (difference and interval, points of accuracy), ``outcome``
-        ("higher", "lower", "within noise"), ``levelled_off`` ("val loss and accuracy", one of
-        them, "no", or empty for the reference), and for adversarial training ``verdict``:
-        "worked" when the robust accuracy is above the undefended model's beyond noise,
-        "failed" otherwise.
+        ("higher", "lower", "within noise"; "reference" for the reference), ``levelled_off``
+        ("val loss and accuracy", one of them, "no", or empty for the reference), and
+        ``verdict``: for adversarial training "worked" when the robust accuracy is above the
+        undefended model's beyond noise, "failed" otherwise; "not adversarial training" for
+        the other rows.
     """
     from calib.stats import bootstrap_interval, paired_difference
 
@@ -634,11 +635,14 @@ def training_evidence(runs: Mapping[str, Mapping[str, Any]], *, reference: str =
             cmp = paired_difference("accuracy", correct, [float(c) for c in base["correct"]],
                                     n_resamples=n_resamples, seed=seed)
             row.update({**cmp.difference.to_columns("vs_undefended"), "outcome": cmp.outcome})
+        else:
+            row["outcome"] = "reference"
         flags = run.get("levelled_off") or {}
         row["levelled_off"] = ("" if not flags else "val loss and accuracy" if all(
             flags.values()) else ", ".join(k for k, v in flags.items() if v) or "no")
-        if name in ADVERSARIAL_TRAINING:
-            row["verdict"] = "worked" if row.get("outcome") == "higher" else "failed"
+        # the verdict judges adversarial training only; other rows say so instead of NaN
+        row["verdict"] = (("worked" if row["outcome"] == "higher" else "failed")
+                          if name in ADVERSARIAL_TRAINING else "not adversarial training")
         rows.append(row)
     return pd.DataFrame(rows)
 
