@@ -6,6 +6,7 @@ the time per stage is one command away::
 
     python -m calib.timings                      # reports/notebooks/*.ipynb
     python -m calib.timings path/to/notebooks --markdown
+    python -m calib.timings --by-kind            # one line per kind of stage (all defences, ...)
 
 Only stages that actually ran leave a fresh notebook: a stage DVC skipped keeps the time of the
 run that produced its cached outputs.
@@ -72,18 +73,48 @@ def format_table(times: list[StageTime], *, markdown: bool = False) -> str:
     return "\n".join(f"{a:<{width}}  {b:<19}  {c:>8}" for a, b, c in rows)
 
 
+def stage_kind(notebook: str) -> str:
+    """The kind of stage an executed notebook belongs to: its number and first word.
+
+    ``30_defend_resnet-aaa`` -> ``30_defend``, ``40_budget_vit-25`` -> ``40_budget``,
+    ``00_data`` -> ``00_data``.
+    """
+    return "_".join(notebook.split("_")[:2])
+
+
+def group_by_kind(times: list[StageTime]) -> list[StageTime]:
+    """One entry per kind of stage (:func:`stage_kind`), in the order the kinds first ran.
+
+    Each entry's ``notebook`` is ``"<kind> (n stages)"``, its ``start_time`` the first start
+    of that kind and its ``seconds`` the sum over the kind's stages.
+    """
+    groups: dict[str, list[StageTime]] = {}
+    for t in times:
+        groups.setdefault(stage_kind(t.notebook), []).append(t)
+    out = []
+    for kind, members in groups.items():
+        label = kind if len(members) == 1 else f"{kind} ({len(members)} stages)"
+        out.append(StageTime(label, min(m.start_time for m in members),
+                             sum(m.seconds for m in members)))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m calib.timings", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder", nargs="?", default="reports/notebooks",
                         help="folder of executed notebooks (default: reports/notebooks)")
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    parser.add_argument("--by-kind", action="store_true",
+                        help="one line per kind of stage (e.g. all defence stages together)")
     args = parser.parse_args(argv)
     try:
         times = stage_times(args.folder)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if args.by_kind:
+        times = group_by_kind(times)
     print(format_table(times, markdown=args.markdown))
     return 0
 

@@ -313,6 +313,7 @@ def test_defence_claim_holds_when_defences_fall_short_and_cs_leads():
     assert list(table["defence"]) == ["none", "cs", "temperature"]
     cs = table.set_index("defence").loc["cs"]
     assert cs["ratio_lo"] > 0.5 and cs["outcome"] == "lower" and cs["clean_outcome"] == "higher"
+    assert cs["cs_outcome"] == "CS itself"  # no NaN in a text column of the committed table
     assert check["measured"].startswith("Best defence cs keeps")
 
 

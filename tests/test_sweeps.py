@@ -474,6 +474,16 @@ def test_saturation_budget_reads_dedicated_runs():
         sweeps.saturation_budget(pd.DataFrame(rows), "square-linf", fraction=0)
 
 
+def test_plateau_reads_the_last_step_of_the_budget_curve():
+    rows = [{"setting": "square-linf", "kind": kind, "budget": b, "success_rate": v}
+            for kind, values in (("uca", (0.2, 0.9, 0.95)), ("oca", (0.7, 0.7, 0.71)))
+            for b, v in zip((25, 500, 1000), values, strict=True)]
+    assert sweeps.plateau(pd.DataFrame(rows), "square-linf") == {
+        "uca": (0.9, 0.95), "oca": (0.7, 0.71)}
+    with pytest.raises(ValueError, match="at least two budgets"):
+        sweeps.plateau(pd.DataFrame(rows[:1]), "square-linf")
+
+
 def test_figure_and_findings_use_dedicated_runs(mini_sweep, mini_budgets, runs):
     tidy = sweeps.collect_sweep(mini_sweep["folder"])
     budgets = sweeps.collect_budgets(mini_budgets["folder"])
@@ -490,4 +500,5 @@ def test_figure_and_findings_use_dedicated_runs(mini_sweep, mini_budgets, runs):
     assert xs == [float(b) for b in BUDGETS]  # the markers are the dedicated runs
     lines = sweeps.findings(tidy, curves, budgets=budgets)
     assert any("in dedicated runs, the smallest budget reaching 90%" in line for line in lines)
+    assert any("what more queries still buy at the largest budget" in line for line in lines)
     assert any("trajectory (not the outcome of shorter runs)" in line for line in lines)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from calib.timings import format_seconds, format_table, main, stage_times
+from calib.timings import format_seconds, format_table, group_by_kind, main, stage_kind, stage_times
 
 
 def _notebook(path, start, duration):
@@ -40,3 +40,19 @@ def test_clear_errors(tmp_path, capsys):
         stage_times(tmp_path)
     assert main([str(tmp_path)]) == 2
     assert "no papermill duration" in capsys.readouterr().err
+
+
+def test_group_by_kind_sums_each_kind_of_stage(tmp_path, capsys):
+    assert stage_kind("30_defend_resnet-aaa") == "30_defend"
+    assert stage_kind("40_budget_vit-25") == "40_budget"
+    assert stage_kind("00_data") == "00_data"
+    _notebook(tmp_path / "00_data.ipynb", "2026-01-01T10:00:00", 8.0)
+    _notebook(tmp_path / "30_defend_resnet-none.ipynb", "2026-01-01T10:01:00", 90.0)
+    _notebook(tmp_path / "30_defend_resnet-aaa.ipynb", "2026-01-01T10:03:00", 150.0)
+    grouped = group_by_kind(stage_times(tmp_path))
+    assert [(g.notebook, g.seconds) for g in grouped] == [
+        ("00_data", 8.0), ("30_defend (2 stages)", 240.0)]
+    assert grouped[1].start_time == "2026-01-01T10:01:00"
+    assert main([str(tmp_path), "--by-kind"]) == 0
+    out = capsys.readouterr().out
+    assert "30_defend (2 stages)" in out and "4:08" in out

@@ -815,6 +815,8 @@ def claim_defences(defence_records: Mapping[str, pd.DataFrame] | None, *,
                                 seed=seed)
         table = table.merge(vs.rename(columns={"other": "defence", "outcome": "cs_outcome"}),
                             on="defence", how="left")
+        # CS is not compared with itself: say so rather than leave a NaN in the text column
+        table.loc[table["defence"] == cs, "cs_outcome"] = "CS itself"
         lowest = [_from_comparison(o, "lower") for o in vs["outcome"]]
         outcomes.append(False if False in lowest else (True if all(lowest) else None))
         rival = vs.loc[vs["cs_minus_other"].idxmax()]

@@ -570,6 +570,32 @@ def saturation_budget(budgets: pd.DataFrame, setting: str, *, metric: str = "ece
     return out
 
 
+def plateau(budgets: pd.DataFrame, setting: str, *, metric: str = "success_rate"
+            ) -> dict[str, tuple[float, float]]:
+    """Per kind, ``metric`` after the second-largest and the largest dedicated budget.
+
+    The last step of the budget curve: a small change there is the evidence that the largest
+    budget is on the plateau (the attack has converged); a large one says more queries would
+    still buy damage.
+
+    Returns:
+        kind -> (value at the second-largest budget, value at the largest budget).
+
+    Raises:
+        ValueError: fewer than two budgets.
+    """
+    part = _one_setting(budgets, setting)
+    if part["budget"].nunique() < 2:
+        raise ValueError(f"{setting}: a plateau needs at least two budgets, got "
+                         f"{sorted(set(part['budget']))}")
+    out = {}
+    for kind in [k for k in KIND_ORDER if k in set(part["kind"])]:
+        run = part[part["kind"] == kind].sort_values("budget")
+        values = run[metric].to_numpy(dtype=np.float64)
+        out[kind] = (float(values[-2]), float(values[-1]))
+    return out
+
+
 def findings(tidy: pd.DataFrame, curves: pd.DataFrame | None, *,
              budgets: pd.DataFrame | None = None,
              paper_eps: float = PAPER_EPS) -> list[str]:
@@ -578,7 +604,8 @@ def findings(tidy: pd.DataFrame, curves: pd.DataFrame | None, *,
     Per setting: the ECE range over the attacks at the smallest and largest eps against the
     clean ECE, for how many attacks ECE grows monotonically with eps, where ``paper_eps`` sits
     (if it is on the grid); with ``budgets`` (dedicated runs), the smallest budget whose run
-    reaches 90% of the largest budget's ECE change; with ``curves``, where one long run's
+    reaches 90% of the largest budget's ECE change and the success rates of the two largest
+    budgets (:func:`plateau`: has the attack converged?); with ``curves``, where one long run's
     trajectory reaches 90% of its final change (said to be a trajectory: the first b queries of
     a long run are not a b-query run).
     """
@@ -615,6 +642,16 @@ def findings(tidy: pd.DataFrame, curves: pd.DataFrame | None, *,
                          f"ECE change of a {largest}-query run is "
                          + ", ".join(f"{q:.0f} ({k.upper()})" for k, q in sat.items())
                          + " queries per image.")
+            if _one_setting(budgets, setting)["budget"].nunique() > 1:
+                steps = plateau(budgets, setting)
+                previous = sorted(set(_one_setting(budgets, setting)["budget"]))[-2]
+                lines.append(f"{setting}: success rate from the {previous:.0f}- to the "
+                             f"{largest}-query run: "
+                             + ", ".join(f"{a:.0%} -> {b:.0%} ({k.upper()})"
+                                         for k, (a, b) in steps.items())
+                             + "; the largest change, "
+                             + f"{max(abs(b - a) for a, b in steps.values()) * 100:.0f} points, "
+                             + "is what more queries still buy at the largest budget.")
         if curves is not None and setting in set(curves["setting"]):
             sat = saturation_queries(curves, setting)
             budget = float(_one_setting(curves, setting)["queries"].max())
