@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -232,23 +233,17 @@ def test_aaa_target_reflects_about_attractor():
     assert got.tolist() == pytest.approx([3.0, 7.0, 4.5])
 
 
-def _aaa_reference(aaa: AAA, z: torch.Tensor) -> torch.Tensor:
-    """AAA's optimisation as autograd and torch.optim.Adam run it (the released code's way)."""
-    top = z.topk(2, -1).values
-    target = aaa.target_margin(top[:, 0] - top[:, 1])
-    p1_orig = (z / aaa.temperature).softmax(-1).max(-1).values
-    z_new = z.clone().requires_grad_(True)
-    opt = torch.optim.Adam([z_new], lr=aaa.lr)
-    for _ in range(aaa.steps):
-        n = z_new.topk(2, -1).values
-        p1 = z_new.softmax(-1).max(-1).values
-        loss = ((n[:, 0] - n[:, 1] - target).abs()
-                + aaa.calib_weight * (p1 - p1_orig).abs()).sum()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    out = z_new.detach()
-    return torch.where((out.argmax(-1) == z.argmax(-1))[:, None], out, z)
+def _bench_aaa():
+    """benchmarks/bench_aaa.py: it holds the autograd reference the test compares against."""
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_aaa.py"
+    spec = importlib.util.spec_from_file_location("bench_aaa", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.mark.parametrize("calib_weight", [0.0, 5.0])
@@ -256,7 +251,7 @@ def test_aaa_written_out_gradient_matches_autograd_and_torch_adam(calib_weight):
     g = torch.Generator().manual_seed(5)
     z = torch.randn(128, 10, generator=g) * 4
     aaa = AAA(steps=100, calib_weight=calib_weight, temperature=1.3)
-    expected = _aaa_reference(aaa, z)
+    expected = _bench_aaa().autograd_reference(aaa, z)
     got = aaa(z)
     assert not torch.equal(got, z)
     # The two differ only by float32 rounding; but the loss is piecewise linear (|.|, top-2),
@@ -378,3 +373,10 @@ def test_aaa_anchor_uses_a_fitted_temperature_as_released():
     assert torch.equal(aaa(z).argmax(1), z.argmax(1))
     with pytest.raises(ValueError, match="temperature"):
         AAA(temperature=0.0)
+
+
+def test_aaa_benchmark_runs_and_agrees(capsys):
+    rows = _bench_aaa().main(["--sizes", "16", "--repeat", "1", "--threads", "1"])
+    assert [r["n"] for r in rows] == [16]
+    assert rows[0]["rows_equal"] >= 0.9 and rows[0]["calib_ms"] > 0
+    assert "speed-up" in capsys.readouterr().out
