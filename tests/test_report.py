@@ -24,7 +24,7 @@ from browser import check_site, require_browser
 
 from calib import reporting, site
 from calib.site import SiteError, build_site
-from calib.site.clean import WIDGET_MIME, clean_notebook, strip_progress
+from calib.site.clean import CODE_ROOT, WIDGET_MIME, clean_notebook, relative_paths, strip_progress
 
 ROOT = Path(__file__).resolve().parents[1]
 TQDM = ("\r  0%|          | 0/3 [00:00<?, ?it/s]\r 67%|######6   | 2/3 [00:00<00:00, 9.1it/s]"
@@ -154,6 +154,13 @@ def _tree(folder: Path) -> dict[str, bytes]:
 ])
 def test_strip_progress(text, expected):
     assert strip_progress(text) == expected
+
+
+def test_printed_paths_lose_the_checkouts_location():
+    warning = f"{CODE_ROOT}calib/attacks/__init__.py:97: GradientMaskingWarning: ...\n"
+    assert relative_paths(warning) == "calib/attacks/__init__.py:97: GradientMaskingWarning: ...\n"
+    assert relative_paths("/elsewhere/x.py:1: W\n") == "/elsewhere/x.py:1: W\n"
+    assert (ROOT / "calib").is_dir() and CODE_ROOT == str(ROOT.resolve()) + "/"
 
 
 def test_clean_notebook_drops_what_readers_do_not_want():

@@ -2,19 +2,30 @@
 
 Readers do not want tqdm progress bars (stderr or widgets), the notebook's default-parameters
 cell (papermill's injected cell follows it) or execution metadata (times, durations, widget
-state, kernel and Python versions). All are dropped, so the same notebooks clean to the same
-cells whenever they ran.
+state, kernel and Python versions). All are dropped, and the checkout's own location in
+printed paths (a warning names the file that raised it) is cut to a path relative to it, so
+the same notebooks clean to the same cells whenever and wherever they ran.
 """
 
 from __future__ import annotations
 
 import copy
 import re
+from pathlib import Path
 from typing import Any
 
 WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
 #: A tqdm line: "desc:  40%|####      | 4/10 [00:01<00:02, 3.1it/s]" or "12it [00:01, 9.5it/s]".
 PROGRESS_LINE = re.compile(r"\d{1,3}%\|.*\||\[\d+:\d\d(:\d\d)?(<[^,\]]*)?,[^\]]*(it/s|s/it)")
+
+
+#: The folder that holds the ``calib`` package (the checkout, or site-packages when installed).
+CODE_ROOT = str(Path(__file__).resolve().parents[2]) + "/"
+
+
+def relative_paths(text: str, root: str = CODE_ROOT) -> str:
+    """``text`` with ``root`` cut from paths: ``/home/me/repo/calib/x.py`` -> ``calib/x.py``."""
+    return text.replace(root, "")
 
 
 def as_text(value: str | list[str]) -> str:
@@ -37,10 +48,12 @@ def _clean_outputs(outputs: list[Any]) -> list[Any]:
     for out in outputs:
         if WIDGET_MIME in out.get("data", {}):
             continue  # ipywidgets (tqdm.auto in Jupyter): no state to render offline
-        if out.get("output_type") == "stream" and out.get("name") == "stderr":
-            text = strip_progress(as_text(out.get("text", "")))
-            if not text:
-                continue
+        if out.get("output_type") == "stream":
+            text = relative_paths(as_text(out.get("text", "")))
+            if out.get("name") == "stderr":
+                text = strip_progress(text)
+                if not text:
+                    continue
             out["text"] = text
         caption = out.get("metadata", {}).get("caption")  # an image's caption (calib.site)
         out["metadata"] = {"caption": caption} if isinstance(caption, str) and caption else {}
@@ -58,9 +71,9 @@ def clean_notebook(nb: Any) -> Any:
     """A copy of an executed notebook without what readers do not want.
 
     Drops widget outputs, tqdm progress lines on stderr (consecutive stream outputs, split by
-    them, become one), the default ``parameters`` cell when papermill injected the run's
-    parameters after it, and all execution metadata (times, durations, widget state, kernel and
-    Python versions).
+    them, become one), the checkout's location from printed paths (:func:`relative_paths`),
+    the default ``parameters`` cell when papermill injected the run's parameters after it, and
+    all execution metadata (times, durations, widget state, kernel and Python versions).
     """
     nb = copy.deepcopy(nb)
     tags = [set(c.get("metadata", {}).get("tags", [])) for c in nb.cells]
