@@ -15,10 +15,12 @@ used after a fallback is recorded in ``precision_used``):
    (target: under 10%);
 3. ``pgd``: white-box PGD UCA (``run_attack(method="pgd")``) at 64 images, in images x steps
    per second (the model is queried through :func:`calib.precision.with_precision` as the
-   pipeline does, so for tf32 only the forward runs in TF32; its backward runs in fp32);
+   pipeline does, so only the forward runs in the chosen precision (fp32 with TF32 off); the
+   backward runs in PyTorch's default, which lets cuDNN's convolutions use TF32);
 4. ``train``: training images per second of :func:`calib.train.cross_entropy_step` with SGD
    (lr 0.01, momentum 0.9, weight decay 5e-4), batch 128, the model in train mode; bf16 by
-   autocast around the forward, tf32 with TF32 allowed for the whole step.
+   autocast around the forward, tf32 with TF32 allowed and fp32 with TF32 off for the whole
+   step (PyTorch's default would run cuDNN's convolutions in TF32 even in "fp32").
 
 Every measurement is preceded by an untimed warm-up (one attack iteration, two training
 steps). A time guard skips the measurements still to come once ``--time-limit`` seconds
@@ -62,7 +64,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from calib.attacks import run_attack
 from calib.models import create_model
-from calib.precision import PRECISIONS, Precision, resolve_precision, tf32_matmuls, with_precision
+from calib.precision import PRECISIONS, Precision, resolve_precision, tf32_allowed, with_precision
 from calib.train import cross_entropy_step
 
 EPS = 0.05
@@ -182,8 +184,10 @@ def train_rate(net: nn.Module, precision: Precision, *, batch: int, img_size: in
     net.train()
 
     def step() -> None:
-        if precision.used == "tf32":
-            with tf32_matmuls():  # the backward and the update too, not only the forward
+        if precision.used in ("tf32", "fp32") and device.type == "cuda":
+            # The backward and the update too, not only the forward: TF32 on for tf32, off for
+            # fp32 (PyTorch's default would run cuDNN's convolutions in TF32 even then).
+            with tf32_allowed(precision.used == "tf32"):
                 cross_entropy_step(model, images, labels, optimizer)
         else:
             cross_entropy_step(model, images, labels, optimizer)

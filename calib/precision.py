@@ -12,6 +12,11 @@ re-read in fp32 by :func:`calib.attacks.base.reevaluate` on the bare model, and
 ``benchmarks/precision_check.py`` shows on the attacked set that clean predictions agree with
 fp32 and that Table 1 moves less than its 95% intervals before a profile turns it on.
 
+"fp32" means fp32 on a GPU too: PyTorch lets cuDNN run convolutions in TF32 by default
+(``torch.backends.cudnn.allow_tf32``), which on an Ampere-or-newer GPU would make an "fp32"
+ResNet's forward a TF32 one. On CUDA :func:`with_precision` therefore turns TF32 off around
+fp32 forwards; on a CPU it returns the model untouched.
+
 Where the requested precision is not native (bf16 on an AVX2-only CPU runs ~20x *slower* in
 emulation; TF32 off CUDA does not exist) :func:`resolve_precision` falls back to fp32 and
 says why, so a profile that asks for bf16 still runs everywhere.
@@ -35,7 +40,7 @@ from torch import nn
 from calib.checks import check_choice
 
 __all__ = ["PRECISIONS", "Precision", "PrecisionModel", "bf16_native", "resolve_precision",
-           "tf32_matmuls", "with_precision"]
+           "tf32_allowed", "tf32_matmuls", "with_precision"]
 
 #: What attack queries may run in: full fp32, bf16 autocast, or TF32 matmuls (CUDA only).
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "tf32")
@@ -91,6 +96,9 @@ def resolve_precision(precision: str, device: torch.device | str, *, warn: bool 
     check_choice("precision", precision, PRECISIONS)
     device = torch.device(device)
     if precision == "fp32":
+        if device.type == "cuda":
+            return Precision("fp32", "fp32", "cuda", "fp32 requested (TF32 off in matmuls and "
+                             "cuDNN convolutions)")
         return Precision("fp32", "fp32", device.type, "fp32 requested")
     if precision == "bf16":
         if bf16_native(device):
@@ -110,28 +118,39 @@ def resolve_precision(precision: str, device: torch.device | str, *, warn: bool 
 
 
 @contextlib.contextmanager
-def tf32_matmuls() -> Iterator[None]:
-    """Allow TF32 in CUDA matmuls and cuDNN convolutions for the block; restore after."""
+def tf32_allowed(allowed: bool) -> Iterator[None]:
+    """Allow (or forbid) TF32 in CUDA matmuls and cuDNN convolutions for the block; restore after.
+
+    PyTorch's defaults differ between the two (matmuls off, cuDNN convolutions on), so both
+    flags are set explicitly.
+    """
     matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = allowed
     try:
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
 
 
-class PrecisionModel(nn.Module):
-    """``model`` whose forward runs in a reduced precision and returns float32 logits.
+def tf32_matmuls() -> contextlib.AbstractContextManager[None]:
+    """Allow TF32 in CUDA matmuls and cuDNN convolutions for the block; restore after."""
+    return tf32_allowed(True)
 
+
+class PrecisionModel(nn.Module):
+    """``model`` whose forward runs in a chosen precision and returns float32 logits.
+
+    bf16 (autocast), TF32, or strict fp32 on CUDA (TF32 off, against cuDNN's default).
     Gradients flow through it (autocast records the casts), so white-box attacks can use it
-    too. Shapes: images (N, C, H, W) -> logits (N, K), float32.
+    too; only the forward runs under the setting, the backward in PyTorch's default.
+    Shapes: images (N, C, H, W) -> logits (N, K), float32.
     """
 
     def __init__(self, model: nn.Module, precision: Precision) -> None:
         super().__init__()
-        if precision.used == "fp32":
-            raise ValueError("PrecisionModel wraps a reduced precision; use the model itself "
-                             "for fp32")
+        if precision.used == "fp32" and precision.device_type != "cuda":
+            raise ValueError("PrecisionModel wraps a reduced precision (or fp32 on CUDA); use "
+                             "the model itself for fp32 on a CPU")
         self.model = model
         self.precision = precision
 
@@ -139,10 +158,12 @@ class PrecisionModel(nn.Module):
         if self.precision.used == "bf16":
             with torch.autocast(self.precision.device_type, dtype=torch.bfloat16):
                 return self.model(images).float()
-        with tf32_matmuls():
+        with tf32_allowed(self.precision.used == "tf32"):
             return self.model(images).float()
 
 
 def with_precision(model: nn.Module, precision: Precision) -> nn.Module:
-    """``model`` itself for fp32, else a :class:`PrecisionModel` around it."""
-    return model if precision.used == "fp32" else PrecisionModel(model, precision)
+    """``model`` itself for fp32 off CUDA, else a :class:`PrecisionModel` around it."""
+    if precision.used == "fp32" and precision.device_type != "cuda":
+        return model
+    return PrecisionModel(model, precision)

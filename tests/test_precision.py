@@ -9,6 +9,7 @@ import pytest
 import torch
 from tiny_models import labelled_images
 from tiny_models import seeded_conv as tiny_model
+from torch import nn
 
 from calib import config, precision, reporting
 from calib.analysis.precision import CHECKED_METRICS, PrecisionCheck, compare_precisions
@@ -51,6 +52,39 @@ def test_fp32_is_fp32_everywhere():
     assert (chosen.used, chosen.fell_back) == ("fp32", False)
     model = tiny_model()
     assert with_precision(model, chosen) is model
+
+
+class FlagRecorder(nn.Module):
+    """Records the TF32 flags in force during its forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[bool, bool]] = []
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        self.seen.append((torch.backends.cuda.matmul.allow_tf32,
+                          torch.backends.cudnn.allow_tf32))
+        return images.flatten(1)[:, :3]
+
+
+@pytest.mark.parametrize(("name", "expected"), [("fp32", (False, False)), ("tf32", (True, True))])
+def test_cuda_fp32_forward_runs_with_tf32_off_and_tf32_with_it_on(name, expected):
+    # PyTorch's default lets cuDNN convolutions run in TF32, so an untouched "fp32" model would
+    # be TF32 on an Ampere+ GPU; the flags are readable and settable without a GPU.
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = (not expected[0],
+                                                                              not expected[1])
+    try:
+        recorder = FlagRecorder()
+        chosen = Precision(name, name, "cuda", "constructed")
+        wrapped = with_precision(recorder, chosen)
+        assert isinstance(wrapped, PrecisionModel)
+        assert wrapped(torch.rand(2, 1, 4, 4)).dtype == torch.float32
+        assert recorder.seen == [expected]
+        assert (torch.backends.cuda.matmul.allow_tf32,
+                torch.backends.cudnn.allow_tf32) == (not expected[0], not expected[1])
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
 def test_unknown_precision_names_the_key_and_the_choices():
