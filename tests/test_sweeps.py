@@ -484,6 +484,39 @@ def test_plateau_reads_the_last_step_of_the_budget_curve():
         sweeps.plateau(pd.DataFrame(rows[:1]), "square-linf")
 
 
+def test_plateau_step_is_a_paired_bootstrap_that_can_say_within_noise_or_higher():
+    def rows(bits_small: str, bits_large: str) -> pd.DataFrame:
+        return pd.DataFrame([
+            {"setting": "square-linf", "kind": "uca", "budget": b, "succeeded": bits,
+             "success_rate": bits.count("1") / len(bits)}
+            for b, bits in ((500, bits_small), (1000, bits_large))])
+
+    # One image of 100 gains: within noise.
+    small = "1" * 90 + "0" * 10
+    step = sweeps.plateau_step(rows(small, "1" * 91 + "0" * 9), "square-linf")["uca"]
+    assert step.paired and step.outcome == "within noise"
+    assert step.difference.value == pytest.approx(0.01)
+    assert step.difference.lo <= 0.0 <= step.difference.hi
+    # Thirty images gain and none loses: a real gain.
+    step = sweeps.plateau_step(rows("1" * 60 + "0" * 40, "1" * 90 + "0" * 10), "square-linf")
+    assert step["uca"].outcome == "higher" and step["uca"].difference.lo > 0.1
+    # Files without per-image success cannot be paired.
+    with pytest.raises(ValueError, match="rerun the budget stages"):
+        sweeps.plateau_step(rows(small, small).assign(succeeded=None), "square-linf")
+
+
+def test_run_sweep_point_records_per_image_success_in_image_order(mini_budgets):
+    bits = sweeps.success_bits(torch.tensor([True, False, True]))
+    assert bits == "101"
+    assert sweeps._bits_to_array(bits).tolist() == [1, 0, 1]
+    for rows in mini_budgets["rows"].values():
+        for row in rows:
+            assert len(row["succeeded"]) == row["n"]
+            assert row["succeeded"].count("1") / row["n"] == pytest.approx(row["success_rate"])
+    budgets = sweeps.collect_budgets(mini_budgets["folder"])
+    assert budgets["succeeded"].map(len).eq(budgets["n"]).all()
+
+
 def test_figure_and_findings_use_dedicated_runs(mini_sweep, mini_budgets, runs):
     tidy = sweeps.collect_sweep(mini_sweep["folder"])
     budgets = sweeps.collect_budgets(mini_budgets["folder"])
@@ -500,5 +533,6 @@ def test_figure_and_findings_use_dedicated_runs(mini_sweep, mini_budgets, runs):
     assert xs == [float(b) for b in BUDGETS]  # the markers are the dedicated runs
     lines = sweeps.findings(tidy, curves, budgets=budgets)
     assert any("in dedicated runs, the smallest budget reaching 90%" in line for line in lines)
-    assert any("what more queries still buy at the largest budget" in line for line in lines)
+    step = next(line for line in lines if "what more queries still buy" in line)
+    assert "paired bootstrap over the same images" in step and "gains within noise" in step
     assert any("trajectory (not the outcome of shorter runs)" in line for line in lines)

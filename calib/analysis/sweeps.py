@@ -45,6 +45,7 @@ from calib.attacks.grid import SETTINGS, AttackGrid, parse_names, run_grid
 from calib.checks import check_choice, check_eps, check_int, check_number
 from calib.io import read_json
 from calib.reporting import KIND_ORDER
+from calib.stats import Comparison, paired_difference
 
 __all__ = [
     "AXES",
@@ -251,16 +252,28 @@ def run_sweep_point(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
         show_progress: tqdm bars.
 
     Returns:
-        Rows ``{"setting", **AttackResult.summary(labels)}`` in settings x kinds order; each
-        has accuracy, confidence, ECE and KS before and after, success rate and queries.
+        Rows ``{"setting", **AttackResult.summary(labels), "succeeded"}`` in settings x kinds
+        order; each has accuracy, confidence, ECE and KS before and after, success rate and
+        queries, and ``succeeded``, one "0"/"1" per image in image order (so two runs on the
+        same images can be compared paired, :func:`plateau`).
 
     Raises:
         ValueError: bad eps, settings or kinds (naming the argument), before any attack runs.
     """
     budget = budget if budget is not None else SweepBudget()
     grid = budget.grid(eps, settings=settings, kinds=kinds)
-    return run_grid(model, images, labels, grid, seed=seed,
-                    show_progress=show_progress).summaries()
+    run = run_grid(model, images, labels, grid, seed=seed, show_progress=show_progress)
+    return [{**row, "succeeded": success_bits(result.success)}
+            for row, result in zip(run.summaries(), run.results.values(), strict=True)]
+
+
+def success_bits(success: torch.Tensor) -> str:
+    """(N,) bool per-image success as a string of "0"/"1" (compact in JSON, order kept)."""
+    return "".join("1" if s else "0" for s in success.reshape(-1).tolist())
+
+
+def _bits_to_array(bits: str) -> np.ndarray:
+    return np.frombuffer(bits.encode("ascii"), dtype=np.uint8) - ord("0")
 
 
 def sweep_record(model_name: str, eps: float, rows: Sequence[Mapping[str, Any]], *,
@@ -368,6 +381,7 @@ def _collect(folder: str | os.PathLike[str], *, prefix: str, x: str) -> pd.DataF
                 "success_rate": row["success_rate"], "queries_mean": row["queries_mean"],
                 "queries_success_mean": row["queries_success_mean"],
                 "label_preserved": row["label_preserved"], "linf_max": row["linf_max"],
+                "succeeded": row.get("succeeded"),
                 **{f"clean_{m}": clean[m] for m in ("accuracy", "confidence", "ece", "ks")},
             })
     tidy = pd.DataFrame(out)
@@ -576,7 +590,7 @@ def plateau(budgets: pd.DataFrame, setting: str, *, metric: str = "success_rate"
 
     The last step of the budget curve: a small change there is the evidence that the largest
     budget is on the plateau (the attack has converged); a large one says more queries would
-    still buy damage.
+    still buy damage. :func:`plateau_step` gives the step's paired interval.
 
     Returns:
         kind -> (value at the second-largest budget, value at the largest budget).
@@ -584,6 +598,36 @@ def plateau(budgets: pd.DataFrame, setting: str, *, metric: str = "success_rate"
     Raises:
         ValueError: fewer than two budgets.
     """
+    return {kind: (float(a[metric]), float(b[metric]))
+            for kind, (a, b) in _last_step(budgets, setting).items()}
+
+
+def plateau_step(budgets: pd.DataFrame, setting: str, *, n_resamples: int = 1000,
+                 seed: int = 0) -> dict[str, Comparison]:
+    """Per kind, the paired bootstrap of success(largest budget) - success(second-largest).
+
+    Both dedicated runs attack the same images, so each resample draws one set of images and
+    reads both runs' per-image success on it (:func:`calib.stats.paired_difference`); the
+    outcome is "within noise" when the 95% interval of the gain contains 0.
+
+    Raises:
+        ValueError: fewer than two budgets, or runs without per-image success (files written
+            before :func:`run_sweep_point` recorded it: rerun the budget stages).
+    """
+    out = {}
+    for kind, (a, b) in _last_step(budgets, setting).items():
+        bits = (a.get("succeeded"), b.get("succeeded"))
+        if not all(isinstance(x, str) and x for x in bits):
+            raise ValueError(f"{setting} {kind}: the budget runs hold no per-image success "
+                             "('succeeded'); rerun the budget stages")
+        out[kind] = paired_difference("mean", _bits_to_array(bits[1]).astype(np.float64),
+                                      _bits_to_array(bits[0]).astype(np.float64),
+                                      n_resamples=n_resamples, seed=seed)
+    return out
+
+
+def _last_step(budgets: pd.DataFrame, setting: str) -> dict[str, tuple[pd.Series, pd.Series]]:
+    """Per kind, the rows of the second-largest and the largest budget."""
     part = _one_setting(budgets, setting)
     if part["budget"].nunique() < 2:
         raise ValueError(f"{setting}: a plateau needs at least two budgets, got "
@@ -591,8 +635,7 @@ def plateau(budgets: pd.DataFrame, setting: str, *, metric: str = "success_rate"
     out = {}
     for kind in [k for k in KIND_ORDER if k in set(part["kind"])]:
         run = part[part["kind"] == kind].sort_values("budget")
-        values = run[metric].to_numpy(dtype=np.float64)
-        out[kind] = (float(values[-2]), float(values[-1]))
+        out[kind] = (run.iloc[-2], run.iloc[-1])
     return out
 
 
@@ -637,21 +680,14 @@ def findings(tidy: pd.DataFrame, curves: pd.DataFrame | None, *,
                     f"{format_eps(hi['eps'])}.")
         if budgets is not None and setting in set(budgets["setting"]):
             sat = saturation_budget(budgets, setting)
-            largest = int(_one_setting(budgets, setting)["budget"].max())
+            dedicated = sorted(set(_one_setting(budgets, setting)["budget"]))
+            largest = int(dedicated[-1])
             lines.append(f"{setting}: in dedicated runs, the smallest budget reaching 90% of the "
                          f"ECE change of a {largest}-query run is "
                          + ", ".join(f"{q:.0f} ({k.upper()})" for k, q in sat.items())
                          + " queries per image.")
-            if _one_setting(budgets, setting)["budget"].nunique() > 1:
-                steps = plateau(budgets, setting)
-                previous = sorted(set(_one_setting(budgets, setting)["budget"]))[-2]
-                lines.append(f"{setting}: success rate from the {previous:.0f}- to the "
-                             f"{largest}-query run: "
-                             + ", ".join(f"{a:.0%} -> {b:.0%} ({k.upper()})"
-                                         for k, (a, b) in steps.items())
-                             + "; the largest change, "
-                             + f"{max(abs(b - a) for a, b in steps.values()) * 100:.0f} points, "
-                             + "is what more queries still buy at the largest budget.")
+            if len(dedicated) > 1:
+                lines.append(_plateau_line(budgets, setting, dedicated[-2], largest))
         if curves is not None and setting in set(curves["setting"]):
             sat = saturation_queries(curves, setting)
             budget = float(_one_setting(curves, setting)["queries"].max())
@@ -664,6 +700,33 @@ def findings(tidy: pd.DataFrame, curves: pd.DataFrame | None, *,
                          + ", ".join(f"{q:.0f} ({k.upper()})" for k, q in sat.items())
                          + f" {unit}.")
     return lines
+
+
+def _plateau_line(budgets: pd.DataFrame, setting: str, previous: int, largest: int) -> str:
+    """The plateau finding: success at the two largest budgets and, where the files hold
+    per-image success, the gain's paired 95% interval and whether it is within noise."""
+    steps = plateau(budgets, setting)
+    part = _one_setting(budgets, setting)
+    paired = ("succeeded" in part.columns
+              and part["succeeded"].map(lambda x: isinstance(x, str) and bool(x)).all())
+    gains = plateau_step(budgets, setting) if paired else {}
+    pieces = []
+    for kind, (a, b) in steps.items():
+        text = f"{a:.0%} -> {b:.0%}"
+        if kind in gains:
+            d = gains[kind].difference
+            text += (f" (gain {d.value * 100:+.0f} points [{d.lo * 100:+.0f}, "
+                     f"{d.hi * 100:+.0f}], {gains[kind].outcome})")
+        pieces.append(f"{text} {kind.upper()}")
+    largest_gain = max(b - a for a, b in steps.values())
+    text = (f"{setting}: success rate from the {previous:.0f}- to the {largest}-query run: "
+            + ", ".join(pieces) + f"; the largest gain, {largest_gain * 100:.0f} points, is what "
+            "more queries still buy at the largest budget")
+    if gains:
+        noise = [k.upper() for k, c in gains.items() if c.outcome == "within noise"]
+        text += (f" ({len(noise)} of {len(gains)} gains within noise: paired bootstrap over the "
+                 "same images, 1,000 resamples)")
+    return text + "."
 
 
 # --- figure -------------------------------------------------------------------------------------
