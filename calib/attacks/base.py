@@ -210,8 +210,9 @@ class AttackHistory:
     """Per-iteration, per-sample record of one attack run (row t = after iteration t).
 
     Row 0 is the clean state. Samples that stopped (succeeded, or the whole batch finished
-    early) repeat their last values, so row t describes the outcome with a budget of t + 1
-    queries (gradient steps + 1 for PGD) per sample.
+    early) repeat their last values, so row t is where the run stood after t + 1 queries
+    (gradient steps + 1 for PGD) per sample: a point on this run's trajectory, not the
+    outcome of a dedicated run with that budget (see :meth:`AttackResult.curve`).
 
     Attributes:
         confidence: (T + 1, N) float32, confidence of the current best input.
@@ -366,17 +367,22 @@ class AttackResult:
 
     def curve(self, labels: torch.Tensor | None = None, *, points: int | None = None
               ) -> dict[str, np.ndarray]:
-        """Metrics against the query budget, all from this one run.
+        """Metrics along this one run's trajectory, against the queries spent so far.
 
-        Row t of the history is the outcome had the budget been t + 1 queries per sample.
+        Row t of the history is where this run stood after t + 1 queries per sample. That is
+        not the outcome of a run *given* a budget of t + 1 queries: Square's window schedule
+        is rescaled to the budget, so a shorter dedicated run is a different (usually weaker)
+        attack. Budget curves come from dedicated runs (``calib.analysis.sweeps``, Fig. 2);
+        this trajectory is labelled as such wherever it is shown.
 
         Args:
             labels: (N,) true labels (default: those given to the attack); without them the
                 ECE and KS curves are left out.
-            points: keep about this many budgets, evenly spaced (default: every iteration).
+            points: keep about this many rows, evenly spaced (default: every iteration).
 
         Returns:
-            ``queries`` (the budget), ``queries_mean`` (mean queries actually used),
+            ``queries`` (queries per sample so far, the trajectory's x axis),
+            ``queries_mean`` (mean queries actually used),
             ``confidence`` (mean confidence), ``success_rate`` and, with labels, ``ece`` and
             ``ks``; each a float64 array of the same length.
         """

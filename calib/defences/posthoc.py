@@ -420,8 +420,9 @@ def _aaa_adam(z: torch.Tensor, target: torch.Tensor, p1_orig: torch.Tensor, *, l
     """AAA's inner optimisation: Adam on |m(z') - t| + w |p_1(z') - p_1o|, summed over rows.
 
     The same update as ``torch.optim.Adam`` (betas 0.9 / 0.999, eps 1e-8) with the loss's
-    gradient written out instead of taken by autograd, which made every query 4-5x dearer
-    than this (AAA runs ``steps`` updates per forward, so it is on the attack's hot path).
+    gradient written out instead of taken by autograd, which made every call 2.5-4.2x dearer
+    (``benchmarks/bench_aaa.py``, 50-500 rows; AAA runs ``steps`` updates per forward, so it
+    is on the attack's hot path).
     With i_1, i_2 the top two entries of z' and p = softmax(z'):
     d m / d z' = e_(i_1) - e_(i_2) and d p_1 / d z' = p_1 (e_(i_1) - p); |x|' = sign(x).
 
