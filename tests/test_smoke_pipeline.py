@@ -316,7 +316,8 @@ def test_exp_run_eps_reruns_only_attacks_and_dependents(smoke_repo):
     assert params["attack"]["eps"] == 0.03
     models = list(params["models"])
     assert {f"attack@{m}" for m in models} <= ran, dry
-    upstream = {"data"} | {f"train@{m}" for m in models}
+    upstream = ({"data"} | {f"train@{m}" for m in models}
+                | {f"train_seeds@{m}" for m in params["train"]["models"]})
     assert not ran & upstream, f"upstream stages reran: {sorted(ran & upstream)}"
     assert not {s for s in ran if s.startswith("sweep@")}, "the eps sweep has its own grid"
     downstream = ("attack@", "defend@", "defence_table@", "sweep_plot@", "detection",
