@@ -1,8 +1,9 @@
 """Build and train one model from its params.yaml entry (``models.<name>``; SPEC §7).
 
 The one training path of the pipeline: the training stage (``10_train``) trains every model
-with :func:`train_from_config`, and the training-seed stage (``46_seeds``) trains each copy
-with it, so that copies differ from the main model only in their seed.
+with :func:`train_from_config`, and the training-seed stage (``11_train_seeds``,
+``train_seeds@<model>``) trains each copy with it, so that copies differ from the main model
+only in their seed.
 """
 
 from __future__ import annotations
