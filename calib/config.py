@@ -114,6 +114,12 @@ def _defences() -> Sequence[str]:
     return DEFENCES
 
 
+def _training_defences() -> Sequence[str]:
+    from calib.defences.evaluate import TRAINING_TIME_DEFENCES
+
+    return TRAINING_TIME_DEFENCES
+
+
 def _check_robustbench_model(name: str) -> None:
     from calib.defences.robust import check_options
 
@@ -332,6 +338,15 @@ class Attack(_Section):
     not native). Reported outcomes are re-read in fp32; see benchmarks/precision_check.py."""
 
 
+class FineTuneOverride(_Section):
+    """One training-time defence's own fine-tuning recipe (keys left out keep the shared one)."""
+
+    epochs: int | None = Field(default=None, ge=1)
+    """Passes over the training subset."""
+    lr: float | None = Field(default=None, gt=0)
+    """Peak learning rate of the cosine schedule."""
+
+
 class FineTune(_Section):
     """How training-time defences fine-tune the clean checkpoint."""
 
@@ -343,6 +358,9 @@ class FineTune(_Section):
     """Images per step."""
     lr: float = Field(gt=0)
     """Peak learning rate of the cosine schedule."""
+    overrides: dict[Annotated[str, _OneOf(_training_defences)], FineTuneOverride] = {}
+    """Per training-time defence, the epochs or learning rate it needs instead (e.g. DCA's
+    calibration term is unstable at lr 0.01 and levels off at a lower rate over more epochs)."""
 
 
 class SplineOptions(_Section):
@@ -753,9 +771,12 @@ def _one_line(text: str) -> str:
 
 
 def _dotted(loc: Sequence[str | int]) -> str:
-    """("sweep", "eps", 1) -> "sweep.eps[1]"."""
+    """("sweep", "eps", 1) -> "sweep.eps[1]"; a mapping's bad key ends its path (pydantic
+    adds "[key]" after it)."""
     text = ""
     for key in loc:
+        if key == "[key]":
+            continue
         text += f"[{key}]" if isinstance(key, int) else f".{key}" if text else str(key)
     return text or "(top level)"
 

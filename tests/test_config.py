@@ -159,6 +159,9 @@ def test_an_unknown_defence_in_the_options_is_refused(params):
     (("defend", "defences"), [], "defend.defences: must not be empty"),
     (("defend", "defences"), ["cs", "cs"], "defend.defences: lists ['cs'] more than once"),
     (("analysis", "models"), [], "analysis.models: must not be empty"),
+    (("defend", "finetune", "overrides"), {"temperature": {"epochs": 2}},
+     "defend.finetune.overrides.temperature: 'temperature' is not allowed; choose one of "
+     "['finetune', 'label_smoothing', 'dca', 'sam', 'pgd_at', 'caat']"),
 ])
 def test_bad_values_name_the_key_and_what_is_allowed(params, path, value, message):
     assert _errors(_set(params, path, value)) == [message]

@@ -30,6 +30,7 @@ from calib.defences.evaluate import (
     defence_family,
     evaluate_defence,
     findings,
+    finetune_recipe,
     white_box_attacks,
 )
 from calib.runtime import predict_logits
@@ -146,6 +147,27 @@ def test_missing_inputs_fail_fast(setup):
         build_defence("dca", model, val_data=setup["val"])
     with pytest.raises(ValueError, match="epochs must be"):
         FineTune(epochs=0)
+
+
+def test_finetune_recipe_applies_a_defences_own_override():
+    shared = {"epochs": 4, "subset": 5000, "batch_size": 128, "lr": 0.01,
+              "overrides": {"dca": {"epochs": 6, "lr": 0.002}, "sam": {"lr": 0.005}}}
+    assert finetune_recipe("dca", shared) == FineTune(epochs=6, batch_size=128, lr=0.002)
+    assert finetune_recipe("sam", shared) == FineTune(epochs=4, batch_size=128, lr=0.005)
+    assert finetune_recipe("pgd_at", shared) == FineTune(epochs=4, batch_size=128, lr=0.01)
+    assert finetune_recipe("caat", {k: v for k, v in shared.items() if k != "overrides"}) \
+        == FineTune(epochs=4, batch_size=128, lr=0.01)
+
+
+@pytest.mark.parametrize("overrides,pattern", [
+    ({"spline": {"epochs": 2}}, r"'spline' is not a training-time defence"),
+    ({"dca": {"momentum": 0.5}}, r"overrides\.dca: unknown keys \['momentum'\]"),
+    ({"dca": {"epochs": 0}}, r"epochs must be"),
+])
+def test_finetune_recipe_refuses_bad_overrides(overrides, pattern):
+    shared = {"epochs": 4, "batch_size": 128, "lr": 0.01, "overrides": overrides}
+    with pytest.raises(ValueError, match=pattern):
+        finetune_recipe("dca", shared)
 
 
 # ---- building ---------------------------------------------------------------------------------
@@ -402,6 +424,8 @@ def test_training_evidence_says_whether_adversarial_training_worked():
                      "levelled_off": None},
             "pgd_at": {"family": "training", "levelled_off": {"val_loss": True,
                                                                "val_accuracy": True},
+                       "params": {"epochs": 4, "lr": 0.01, "train_size": 5000,
+                                  "batch_size": 128},
                        "robust": {"eps": 0.1, "steps": 20, "correct": strong}},
             "caat": {"family": "training", "levelled_off": {"val_loss": False,
                                                              "val_accuracy": True},
@@ -416,6 +440,8 @@ def test_training_evidence_says_whether_adversarial_training_worked():
     assert not table[["outcome", "verdict"]].isna().any().any(), "no NaN text cells"
     assert table.loc["caat", "outcome"] == "within noise"
     assert table.loc["caat", "levelled_off"] == "val_accuracy"
+    assert table.loc["pgd_at", "fine_tuning"] == "4 epochs x 40 steps (batch 128), lr 0.01"
+    assert table.loc["none", "fine_tuning"] == ""
     assert table.loc["pgd_at", "levelled_off"] == "val loss and accuracy"
     assert table.loc["pgd_at", "robust_accuracy"] == pytest.approx(0.6)
     with pytest.raises(ValueError, match="reference"):

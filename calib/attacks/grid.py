@@ -232,7 +232,7 @@ class GridRun:
 
 
 def run_grid(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, grid: AttackGrid, *,
-             seed: int = 0, batch_size: int = 256, show_progress: bool = False) -> GridRun:
+             seed: int = 0, batch_size: int = 512, show_progress: bool = False) -> GridRun:
     """Run every (setting, kind) attack of ``grid`` on the same images with the same seed.
 
     Args:
@@ -243,7 +243,10 @@ def run_grid(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, grid:
         grid: settings, kinds, radii and budgets.
         seed: seed of every run, so that runs of one grid (and the defences of one table)
             face identical attack randomness.
-        batch_size: images attacked together (bounds memory).
+        batch_size: images attacked together (bounds memory). 512 attacks the attack
+            stage's 500 images as one batch: Square's queries then shrink with the images
+            still to attack as one batch instead of two small tails (default ResNet-18,
+            square-linf, 4 kinds: 44.5 s against 55.3 s at 256; the ViT unchanged).
         show_progress: a tqdm bar per run.
 
     The attacks query ``model`` in ``grid.precision`` (see :mod:`calib.precision`); what is

@@ -80,6 +80,7 @@ __all__ = [
     "defence_family",
     "evaluate_defence",
     "findings",
+    "finetune_recipe",
     "input_shape",
     "options_at",
     "robust_accuracy",
@@ -212,6 +213,36 @@ class FineTune:
         check_int("batch_size", self.batch_size, minimum=1)
         check_number("lr", self.lr, low=0.0, low_open=True)
         check_number("weight_decay", self.weight_decay, low=0.0)
+
+
+def finetune_recipe(name: str, finetune: Mapping[str, Any]) -> FineTune:
+    """The fine-tuning recipe of defence ``name`` from params.yaml's ``defend.finetune``.
+
+    Args:
+        name: the defence (one of :data:`DEFENCES`).
+        finetune: ``{"epochs", "batch_size", "lr"[, "overrides"]}``; ``overrides`` maps a
+            training-time defence to the ``epochs`` and/or ``lr`` it uses instead of the
+            shared ones (other keys: ``subset``, read by the caller, are ignored here).
+
+    Returns:
+        The :class:`FineTune` recipe ``name`` is trained with.
+
+    Raises:
+        ValueError: an override names a defence that is not trained, or a key other than
+            ``epochs`` and ``lr``.
+    """
+    overrides = dict(finetune.get("overrides") or {})
+    for key, override in overrides.items():
+        if key not in TRAINING_TIME_DEFENCES:
+            raise ValueError(f"defend.finetune.overrides: {key!r} is not a training-time "
+                             f"defence; choose from {list(TRAINING_TIME_DEFENCES)}")
+        unknown = sorted(set(override) - {"epochs", "lr"})
+        if unknown:
+            raise ValueError(f"defend.finetune.overrides.{key}: unknown keys {unknown}; "
+                             f"allowed: ['epochs', 'lr']")
+    own = {k: v for k, v in overrides.get(name, {}).items() if v is not None}
+    return FineTune(epochs=own.get("epochs", finetune["epochs"]),
+                    batch_size=finetune["batch_size"], lr=own.get("lr", finetune["lr"]))
 
 
 @dataclass
@@ -608,7 +639,9 @@ def training_evidence(runs: Mapping[str, Mapping[str, Any]], *, reference: str =
         One row per defence with a robust accuracy: ``robust_accuracy`` with its 95% interval,
         ``vs_undefended`` (difference and interval, points of accuracy), ``outcome``
         ("higher", "lower", "within noise"; "reference" for the reference), ``levelled_off``
-        ("val loss and accuracy", one of them, "no", or empty for the reference), and
+        ("val loss and accuracy", one of them, "no", or empty for the reference),
+        ``fine_tuning`` (the recipe from ``params``: epochs, steps, batch, peak lr; empty
+        for rows not fine-tuned), and
         ``verdict``: for adversarial training "worked" when the robust accuracy is above the
         undefended model's beyond noise, "failed" otherwise; "not adversarial training" for
         the other rows.
@@ -637,6 +670,13 @@ def training_evidence(runs: Mapping[str, Mapping[str, Any]], *, reference: str =
             row.update({**cmp.difference.to_columns("vs_undefended"), "outcome": cmp.outcome})
         else:
             row["outcome"] = "reference"
+        params = run.get("params") or {}
+        if "epochs" in params:  # fine-tuned: the recipe the table's notes quote
+            steps = -(-int(params["train_size"]) // int(params["batch_size"]))
+            row["fine_tuning"] = (f"{params['epochs']} epochs x {steps} steps "
+                                  f"(batch {params['batch_size']}), lr {params['lr']:g}")
+        else:
+            row["fine_tuning"] = ""
         flags = run.get("levelled_off") or {}
         row["levelled_off"] = ("" if not flags else "val loss and accuracy" if all(
             flags.values()) else ", ".join(k for k, v in flags.items() if v) or "no")
