@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-time, re-runnable set-up: virtual environment, pinned packages, the `calib` package,
-# the Jupyter kernel the pipeline runs on, the offline Fashion-MNIST files, headless Chromium
-# and Slurm + munge (for the scale-out test).
+# the Jupyter kernel the pipeline runs on, the offline Fashion-MNIST files, headless Chromium,
+# Slurm + munge (for the scale-out test) and tcmalloc (the stages' allocator).
 # A second run reuses what is there (each step is skipped when its stamp is current).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -86,6 +86,20 @@ if ! command -v slurmctld >/dev/null 2>&1 || ! command -v munged >/dev/null 2>&1
   else
     echo "setup: slurm-wlm/munge not found and apt is not usable as root here;"
     echo "       the Slurm launch test will skip (and fail where CI is set)."
+  fi
+fi
+# 7. tcmalloc, the memory allocator every stage's kernel runs with where it is installed (the
+#    same numbers, faster CPU stages; calib/allocator.py): Debian's libtcmalloc-minimal4.
+if ! "$VENV/bin/python" -c 'import sys; from calib.allocator import find_tcmalloc; sys.exit(find_tcmalloc() is None)'; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup: installing the Debian package libtcmalloc-minimal4 (the stages' allocator)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -q libtcmalloc-minimal4 >/dev/null 2>&1 || {
+      apt-get update -q >/dev/null && apt-get install -y -q libtcmalloc-minimal4 >/dev/null; } || \
+      echo "setup: apt could not install libtcmalloc-minimal4; stages use the system allocator"
+  else
+    echo "setup: tcmalloc not found and apt is not usable as root here; the stages will use the"
+    echo "       system allocator (slower). Run 'sudo apt-get install libtcmalloc-minimal4'."
   fi
 fi
 echo "setup: ready ($("$VENV/bin/python" -c 'import torch, torchvision, timm; print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, timm {timm.__version__}")'))"
