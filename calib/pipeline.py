@@ -169,7 +169,9 @@ def run_stage(notebook: str, output: str, parameters: dict[str, Any], *,
                            f"registers the project's environment as {kernel!r})")
     # The kernel inherits this process's environment: tcmalloc is preloaded into it where
     # installed (faster CPU stages, the same numbers; calib.allocator).
+    # Set for this call only, so a caller that runs stages in-process keeps its environment.
     allocator = choose_allocator()
+    saved = dict(os.environ)
     os.environ.update(kernel_environment(allocator))
     print(allocator.describe(), flush=True)
     out = Path(output)
@@ -188,6 +190,9 @@ def run_stage(notebook: str, output: str, parameters: dict[str, Any], *,
             os.replace(tmp, failed)
             print(f"stage failed; the partly executed notebook is in {failed}", file=sys.stderr)
         raise
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
     os.replace(tmp, out)
 
 
