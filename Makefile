@@ -15,6 +15,7 @@ reproduce: setup
 	python -m calib.config params.yaml
 	dvc repro
 	dvc metrics show
+	-python -m calib.timings --by-kind
 
 ## Fetch the trained models, splits, attack records and executed notebooks from the lab's DVC
 ## remote instead of recomputing them (says how to add a remote when none is configured).
