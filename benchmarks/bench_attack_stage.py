@@ -22,6 +22,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,32 +31,23 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
 from gpu_check import TimedModel  # noqa: E402  (benchmarks/gpu_check.py)
+from precision_check import grid_from_params, load_attack_split  # noqa: E402
 
 
 def load_inputs(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor,
                                                     str]:
     """The model, images (N, C, H, W) in [0, 1] and labels (N,) to attack, and a description."""
-    from calib import models
+    from calib import models, paths
 
     torch.manual_seed(args.seed)
     if args.model:
-        from calib import data, paths
-        from calib.io import read_json
-
-        folder = paths.model_dir(args.model)
+        folder = ROOT / paths.model_dir(args.model)
         if not (folder / "model.json").is_file():
             raise SystemExit(f"error: no trained model in {folder} (run `dvc repro -s "
                              f"train@{args.model}` first, or pass --arch for random weights)")
-        model = models.load_trained(folder, "cpu").eval()
-        meta = read_json(paths.DATASET_FILE)
-        splits = data.load_splits(paths.SPLITS_FILE)
-        spec = read_json(folder / "model.json")
-        test_set = data.load_split(meta["dataset"], args.data_root, "test",
-                                   img_size=spec["img_size"], in_chans=meta["in_chans"])
-        images, labels = test_set.tensors(splits["attack"])
-        if args.images:
-            images, labels = images[:args.images], labels[:args.images]
-        return model, images, labels, f"trained model {folder}"
+        model, images, labels = load_attack_split(args.model, args.images or None,
+                                                  Path(args.data_root))
+        return model.eval(), images, labels, f"trained model {folder}"
     model = models.create_model(args.arch, num_classes=10, in_chans=1, img_size=28,
                                 mean=[0.2860], std=[0.3530]).eval()
     gen = torch.Generator().manual_seed(args.seed)
@@ -65,23 +57,9 @@ def load_inputs(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.Tensor
     return model, images, labels, f"{args.arch} with random weights, random images"
 
 
-class _CallCounter:
-    """Counts the calls of a module's forward through a hook, removable afterwards."""
-
-    def __init__(self, module: torch.nn.Module) -> None:
-        self.count = 0
-        self._handle = module.register_forward_hook(self._hook)
-
-    def _hook(self, *_: object) -> None:
-        self.count += 1
-
-    def remove(self) -> None:
-        self._handle.remove()
-
-
 def run(args: argparse.Namespace) -> list[dict[str, float | int | str]]:
     """Time every (setting, kind) run of the grid; one row per run, in the grid's order."""
-    from calib.attacks.grid import AttackGrid, run_grid
+    from calib.attacks.grid import run_grid
     from calib.config import load_params
 
     attack = load_params(args.params)["attack"]
@@ -91,36 +69,25 @@ def run(args: argparse.Namespace) -> list[dict[str, float | int | str]]:
     torch.set_num_threads(args.threads)
     model, images, labels, what = load_inputs(args)
     timed = TimedModel(model, sync=False)
-    full = AttackGrid(settings=attack["settings"], kinds=attack["kinds"],
-                      eps_linf=attack["eps"], eps_l2=attack["eps_l2"],
-                      square_iterations=attack["square_iterations"],
-                      square_p_init=attack["square_p_init"],
-                      pgd_iterations=attack["pgd_iterations"], pgd_alpha=attack["pgd_alpha"],
-                      precision=attack["precision"])
+    full = replace(grid_from_params(attack), precision=attack["precision"])
     print(f"{what}: {images.shape[0]} images, {args.threads} threads, Square "
           f"{full.square_iterations} queries, PGD {full.pgd_iterations} steps, "
           f"precision {full.precision}", flush=True)
     rows: list[dict[str, float | int | str]] = []
     for setting in full.settings:
         for kind in full.kinds:
-            grid = AttackGrid(settings=setting, kinds=kind, eps_linf=full.eps_linf,
-                              eps_l2=full.eps_l2, square_iterations=full.square_iterations,
-                              square_p_init=full.square_p_init,
-                              pgd_iterations=full.pgd_iterations, pgd_alpha=full.pgd_alpha,
-                              precision=full.precision)
             timed.reset()
-            calls = _CallCounter(timed)
             start = time.perf_counter()
-            result = run_grid(timed, images, labels, grid, seed=args.seed).results[setting, kind]
+            grid_run = run_grid(timed, images, labels, replace(full, settings=setting, kinds=kind),
+                           seed=args.seed)
             seconds = time.perf_counter() - start
-            calls.remove()
             rows.append({
                 "setting": setting, "kind": kind, "seconds": seconds,
                 "forward_seconds": timed.seconds,
                 "outside_share": 1.0 - timed.seconds / seconds,
                 "images_forwarded": timed.images,
-                "images_per_call": timed.images / max(calls.count, 1),
-                "success_rate": float(result.success.float().mean()),
+                "images_per_call": timed.images / max(timed.calls, 1),
+                "success_rate": float(grid_run.results[setting, kind].success.float().mean()),
             })
             print(f"  {setting} {kind}: {seconds:.1f} s", flush=True)
     total = sum(float(r["seconds"]) for r in rows)

@@ -94,6 +94,7 @@ class TimedModel(nn.Module):
         self.net = net
         self.sync = sync
         self.images = 0
+        self.calls = 0
         self.seconds = 0.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -105,10 +106,11 @@ class TimedModel(nn.Module):
             torch.cuda.synchronize()
         self.seconds += time.perf_counter() - start
         self.images += x.shape[0]
+        self.calls += 1
         return out
 
     def reset(self) -> None:
-        self.images, self.seconds = 0, 0.0
+        self.images, self.calls, self.seconds = 0, 0, 0.0
 
 
 @dataclass

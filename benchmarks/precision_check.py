@@ -41,16 +41,23 @@ def grid_from_params(attack: dict) -> AttackGrid:
                       pgd_iterations=attack["pgd_iterations"], pgd_alpha=attack["pgd_alpha"])
 
 
-def check_model(name: str, grid: AttackGrid, *, precision: str, n: int | None, seed: int
-                ) -> dict:
+def load_attack_split(name: str, n: int | None = None, data_root: Path = ROOT / "data/raw"
+                      ) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """Trained pipeline model ``name`` and the first ``n`` attack-split images (N, C, H, W)
+    in [0, 1] with their labels (N,); all of the split when ``n`` is None."""
     meta = read_json(ROOT / paths.DATASET_FILE)
     spec = read_json(ROOT / paths.model_dir(name) / "model.json")
     splits = data.load_splits(ROOT / paths.SPLITS_FILE)
     index = splits["attack"] if n is None else splits["attack"][:n]
-    test = data.load_split(meta["dataset"], ROOT / "data/raw", "test", img_size=spec["img_size"],
+    test = data.load_split(meta["dataset"], data_root, "test", img_size=spec["img_size"],
                            in_chans=spec["in_chans"])
     images, labels = test.tensors(index)
-    model = models.load_trained(ROOT / paths.model_dir(name))
+    return models.load_trained(ROOT / paths.model_dir(name)), images, labels
+
+
+def check_model(name: str, grid: AttackGrid, *, precision: str, n: int | None, seed: int
+                ) -> dict:
+    model, images, labels = load_attack_split(name, n)
     check = compare_precisions(model, images, labels, grid, precision=precision, seed=seed,
                                show_progress=True)
     table = check.table()
