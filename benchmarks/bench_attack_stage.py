@@ -57,6 +57,15 @@ def load_inputs(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.Tensor
     return model, images, labels, f"{args.arch} with random weights, random images"
 
 
+def add_input_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--model`` or ``--arch`` (what :func:`load_inputs` loads), ``--params``, ``--data-root``."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="a trained pipeline model under models/ (e.g. vit)")
+    source.add_argument("--arch", help="an architecture with random weights (e.g. resnet18)")
+    parser.add_argument("--params", default="params.yaml", help="whose attack section to run")
+    parser.add_argument("--data-root", default="data/raw")
+
+
 def run(args: argparse.Namespace) -> list[dict[str, float | int | str]]:
     """Time every (setting, kind) run of the grid; one row per run, in the grid's order."""
     from calib.attacks.grid import run_grid
@@ -116,11 +125,7 @@ def table(rows: list[dict[str, float | int | str]]) -> str:
 def main(argv: list[str] | None = None) -> list[dict[str, float | int | str]]:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model", help="a trained pipeline model under models/ (e.g. vit)")
-    source.add_argument("--arch", help="an architecture with random weights (e.g. resnet18)")
-    parser.add_argument("--params", default="params.yaml", help="whose attack section to run")
-    parser.add_argument("--data-root", default="data/raw")
+    add_input_arguments(parser)
     parser.add_argument("--images", type=int, default=0,
                         help="attack the first N images (0: the whole attack split; 64 with "
                              "--arch)")

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from calib import data, models, paths  # noqa: E402
-from calib.analysis.precision import compare_precisions  # noqa: E402
+from calib.analysis.precision import PrecisionCheck, compare_precisions  # noqa: E402
 from calib.attacks.grid import AttackGrid  # noqa: E402
 from calib.io import read_json  # noqa: E402
 
@@ -60,13 +60,18 @@ def check_model(name: str, grid: AttackGrid, *, precision: str, n: int | None, s
     model, images, labels = load_attack_split(name, n)
     check = compare_precisions(model, images, labels, grid, precision=precision, seed=seed,
                                show_progress=True)
+    return report(name, len(labels), precision, check)
+
+
+def report(name: str, n: int, precision: str, check: PrecisionCheck) -> dict:
+    """Print ``check``'s table and verdict; the JSON-ready record of it."""
     table = check.table()
     with_width = table.assign(width=table.fp32_hi - table.fp32_lo)
-    print(f"\n== {name}: {len(labels)} images, {precision} ==")
+    print(f"\n== {name}: {n} images, {precision} ==")
     print(with_width.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     print(f"seconds: {check.seconds}")
     print(check.verdict())
-    return {"model": name, "n": len(labels), "precision": precision,
+    return {"model": name, "n": n, "precision": precision,
             "used": check.precision.used, "reason": check.precision.reason,
             "agreement": check.agreement, "passed": check.passed,
             "seconds": check.seconds, "verdict": check.verdict(),

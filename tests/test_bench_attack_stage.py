@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import sys
 from pathlib import Path
 
 import pytest
+from benchmark_scripts import load_benchmark
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -17,11 +17,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_attack_stag
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_attack_stage", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
+    yield load_benchmark("bench_attack_stage")
     sys.modules.pop("bench_attack_stage", None)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -235,15 +234,9 @@ def test_aaa_target_reflects_about_attractor():
 
 def _bench_aaa():
     """benchmarks/bench_aaa.py: it holds the autograd reference the test compares against."""
-    import importlib.util
-    import sys
+    from benchmark_scripts import load_benchmark
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_aaa.py"
-    spec = importlib.util.spec_from_file_location("bench_aaa", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_aaa")
 
 
 @pytest.mark.parametrize("calib_weight", [0.0, 5.0])

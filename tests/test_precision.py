@@ -174,6 +174,46 @@ def test_compare_precisions_reports_every_table1_number(native_bf16):
     assert set(check.seconds) == {"fp32", "bf16"}
 
 
+def test_only_the_reduced_run_goes_through_the_reduced_context(native_bf16):
+    """``reduced_context`` wraps the reduced-precision grid run and nothing else: the queries
+    made inside it are exactly the reduced run's (bf16 autocast active), none of fp32's."""
+    import contextlib
+
+    model = tiny_model()
+    images, labels = labelled_images(12, seed=6)
+    seen = {"inside": [], "entered": 0}
+    inside = [False]
+
+    class Watch(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen["inside"].append((inside[0], torch.is_autocast_enabled("cpu")))
+            return self.inner(x)
+
+    @contextlib.contextmanager
+    def context():
+        seen["entered"] += 1
+        inside[0] = True
+        try:
+            yield
+        finally:
+            inside[0] = False
+
+    compare_precisions(Watch(model), images, labels, GRID, precision="bf16", seed=0,
+                       reduced_context=context)
+    assert seen["entered"] == 1
+    calls = seen["inside"]
+    reduced_inside = sum(ins and autocast for ins, autocast in calls)
+    reduced_outside = sum(not ins and autocast for ins, autocast in calls)
+    fp32_outside = sum(not ins and not autocast for ins, autocast in calls)
+    assert reduced_inside > 10  # the reduced grid's attack queries
+    assert reduced_outside == 1  # only the clean-agreement pass (12 images, one batch)
+    assert fp32_outside > 10  # the fp32 reference grid
+
+
 def _check(agreement: float, inside: list[bool]) -> PrecisionCheck:
     rows = [{"setting": "square-linf", "kind": "uca", "metric": m, "fp32": 0.5, "fp32_lo": 0.4,
              "fp32_hi": 0.6, "reduced": 0.5 if ok else 0.7, "difference": 0.0 if ok else 0.2,

@@ -20,6 +20,9 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 
 import pandas as pd
@@ -96,7 +99,9 @@ def _summaries(run: GridRun) -> dict[tuple[str, str], dict]:
 
 def compare_precisions(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                        grid: AttackGrid, *, precision: str = "bf16", seed: int = 0,
-                       batch_size: int = 256, show_progress: bool = False) -> PrecisionCheck:
+                       batch_size: int = 256, show_progress: bool = False,
+                       reduced_context: Callable[[], AbstractContextManager] | None = None
+                       ) -> PrecisionCheck:
     """Run ``grid`` with fp32 queries and with ``precision`` queries; compare Table 1.
 
     Args:
@@ -105,13 +110,17 @@ def compare_precisions(model: nn.Module, images: torch.Tensor, labels: torch.Ten
         grid: the profile's attack grid (its own ``precision`` is ignored).
         precision: the reduced precision to check ("bf16" or "tf32").
         seed, batch_size, show_progress: as :func:`calib.attacks.grid.run_grid`.
+        reduced_context: a factory of the context the reduced run executes in (e.g. a
+            candidate rule that confirms some of the reduced queries' decisions in fp32,
+            ``benchmarks/precision_decisions.py --check``); None runs it as is.
     """
     chosen = resolve_precision(precision, images.device)
     agreement = clean_agreement(model, images, chosen, batch_size=batch_size)
     reference = run_grid(model, images, labels, replace(grid, precision="fp32"), seed=seed,
                          batch_size=batch_size, show_progress=show_progress)
-    reduced = run_grid(model, images, labels, replace(grid, precision=chosen.used), seed=seed,
-                       batch_size=batch_size, show_progress=show_progress)
+    with (reduced_context or contextlib.nullcontext)():
+        reduced = run_grid(model, images, labels, replace(grid, precision=chosen.used),
+                           seed=seed, batch_size=batch_size, show_progress=show_progress)
     ref, red = _summaries(reference), _summaries(reduced)
     rows = []
     for (setting, kind), s in ref.items():
