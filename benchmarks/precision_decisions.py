@@ -79,6 +79,23 @@ class Counts:
     max_logit_error: float = 0.0
 
 
+def score_rows(state: base.AttackState, logits: torch.Tensor, idx: torch.Tensor
+               ) -> base.Scores:
+    """:func:`calib.attacks.base.score` of ``logits`` (B, K) for the samples ``idx`` (B,)."""
+    return base.score(logits, state.k[idx], state.mode[idx], state.target[idx],
+                      state.thresholds, state.min_margin, state.present)
+
+
+def scheme_a_requery(reduced: base.Scores, best_reduced: torch.Tensor, min_margin: float,
+                     label_band: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scheme A's rule, bool (B,) each: what the reduced scores would accept (improves on
+    ``best_reduced`` and keeps the label), and what to re-query in fp32 (that, plus label
+    checks within ``label_band`` of ``min_margin``)."""
+    would = (reduced.loss < best_reduced) & reduced.keeps_label
+    near = (reduced.margin - min_margin).abs() <= label_band
+    return would, would | near
+
+
 class DecisionObserver:
     """Scores every candidate batch of an fp32 Square run with bf16 logits as well.
 
@@ -95,8 +112,7 @@ class DecisionObserver:
     def _bf16_scores(self, state: base.AttackState, x: torch.Tensor, idx: torch.Tensor
                      ) -> tuple[base.Scores, torch.Tensor]:
         logits = self.bf16_model(x)
-        return base.score(logits, state.k[idx], state.mode[idx], state.target[idx],
-                          state.thresholds, state.min_margin, state.present), logits
+        return score_rows(state, logits, idx), logits
 
     @torch.no_grad()
     def observe(self, state: base.AttackState, idx: torch.Tensor, x_new: torch.Tensor,
@@ -105,12 +121,12 @@ class DecisionObserver:
             everyone = torch.arange(state.x_best.shape[0], device=idx.device)
             self._best_bf16[id(state)] = self._bf16_scores(state, state.x_best, everyone)[0].loss
         best_bf16 = self._best_bf16[id(state)]
-        fp32 = base.score(logits, state.k[idx], state.mode[idx], state.target[idx],
-                          state.thresholds, state.min_margin, state.present)
+        fp32 = score_rows(state, logits, idx)
         bf16, bf16_logits = self._bf16_scores(state, x_new, idx)
         accept_fp32 = (fp32.loss < state.loss[idx]) & fp32.keeps_label
         gap_bf16 = bf16.loss - best_bf16[idx]
-        accept_bf16 = (gap_bf16 < 0) & bf16.keeps_label
+        accept_bf16, requery_a = scheme_a_requery(bf16, best_bf16[idx], state.min_margin,
+                                                  self.label_band)
         label_differs = fp32.keeps_label != bf16.keeps_label
         must_match = accept_fp32 | label_differs  # decisions a rejection must not get wrong
         near_label = (bf16.margin - state.min_margin).abs()
@@ -118,7 +134,6 @@ class DecisionObserver:
         c.candidates += idx.numel()
         c.accept += int(accept_fp32.sum())
         c.differ += int(((accept_fp32 != accept_bf16) | label_differs).sum())
-        requery_a = accept_bf16 | (near_label <= self.label_band)
         c.a_requery += int(requery_a.sum())
         c.a_missed += int((accept_fp32 & ~requery_a).sum())
         for i, delta in enumerate(DELTAS):
@@ -176,26 +191,21 @@ class ConfirmAccepted:
         def fp32_init(state, x, logits, **kwargs):
             with torch.no_grad():
                 init(state, x, rule.model(x.detach()), **kwargs)
-            state.best_reduced = base.score(logits.detach(), state.k, state.mode, state.target,
-                                            state.thresholds, state.min_margin,
-                                            state.present).loss.clone()
+            everyone = torch.arange(x.shape[0], device=x.device)
+            state.best_reduced = score_rows(state, logits.detach(), everyone).loss.clone()
 
         @torch.no_grad()
         def confirmed(state, idx, x_new, logits, *, copy_inputs=True):
-            k, mode, target = state.k[idx], state.mode[idx], state.target[idx]
-            reduced = base.score(logits, k, mode, target, state.thresholds, state.min_margin,
-                                 state.present)
-            would = (reduced.loss < state.best_reduced[idx]) & reduced.keeps_label
-            near = (reduced.margin - state.min_margin).abs() <= rule.label_band
-            local = (would | near).nonzero().squeeze(1)
+            reduced = score_rows(state, logits, idx)
+            would, requery = scheme_a_requery(reduced, state.best_reduced[idx],
+                                              state.min_margin, rule.label_band)
+            local = requery.nonzero().squeeze(1)
             accepted = torch.zeros_like(would)
             keeps = reduced.keeps_label.clone()
             rows_local = local[:0]
             if local.numel():
                 sub = idx[local]
-                fp32 = base.score(rule.model(x_new.detach().index_select(0, local)),
-                                  state.k[sub], state.mode[sub], state.target[sub],
-                                  state.thresholds, state.min_margin, state.present)
+                fp32 = score_rows(state, rule.model(x_new.detach().index_select(0, local)), sub)
                 ok = (fp32.loss < state.loss[sub]) & fp32.keeps_label
                 accepted[local] = ok
                 keeps[local] = fp32.keeps_label
