@@ -514,7 +514,9 @@ class Sweep(_Section):
     """Queries per image of the eps sweep."""
     budgets: Distinct[Annotated[int, Field(ge=1)]]
     """Fig. 2's query axis: Square queries per image of dedicated runs (each its own run, as a
-    user choosing that budget would run it) at attack.eps on the sweep's images."""
+    user choosing that budget would run it) at attack.eps on the sweep's images. The point at
+    square_iterations needs no entry when attack.eps is on the eps grid: the sweep's run there
+    is that run, and the plot reads it."""
     pgd_iterations: int = Field(ge=1)
     """Gradient steps."""
     pgd_alpha_fraction: float = Field(gt=0, le=2)

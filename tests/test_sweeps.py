@@ -343,7 +343,7 @@ def test_the_schema_accepts_the_default_sweep():
     ({"eps": [0.05, 0.05]}, "sweep.eps"), ({"eps": [1.5]}, "sweep.eps"),
     ({"models": ["resnet", "bert"]}, "sweep.models"), ({"models": []}, "sweep.models"),
     ({"settings": "square-l2"}, "sweep.settings"), ({"kinds": "uca,abc"}, "sweep.kinds"),
-    ({"n_images": 501}, "sweep.n_images"), ({"n_images": 0}, "sweep.n_images"),
+    ({"n_images": 301}, "sweep.n_images"), ({"n_images": 0}, "sweep.n_images"),
     ({"square_iterations": 0}, "sweep.square_iterations"),
     ({"pgd_alpha_fraction": 0.0}, "sweep.pgd_alpha_fraction"),
 ])
@@ -464,6 +464,38 @@ def test_collect_budgets_rejects_a_file_of_another_eps(mini_budgets, tmp_path):
     (folder / "queries_10.json").rename(folder / "queries_11.json")
     with pytest.raises(ValueError, match="Square budget other than 11"):
         sweeps.collect_budgets(folder)
+
+
+def test_the_sweep_point_is_the_dedicated_run_at_the_sweeps_budget(mini_sweep, mini_budgets,
+                                                                     tmp_path):
+    # The pipeline runs no budget stage at sweep.square_iterations: the sweep point at the
+    # budget runs' eps must be exactly that run (same attack, images, seed and schedule).
+    folder = tmp_path / "budget"
+    shutil.copytree(mini_budgets["folder"], folder)
+    dedicated = sweeps.collect_budgets(folder)
+    point = sweeps.sweep_file("tiny", 0.2, mini_sweep["folder"].parent.parent)
+    assert sweeps.collect_budgets(folder, sweep_point=point).equals(dedicated)  # file wins
+    (folder / f"queries_{BUDGET.square_iterations}.json").unlink()
+    filled = sweeps.collect_budgets(folder, sweep_point=point)
+    columns = [c for c in dedicated.columns if c != "model"]
+    pd.testing.assert_frame_equal(filled[columns].reset_index(drop=True),
+                                  dedicated[columns].reset_index(drop=True))
+    assert set(filled["setting"]) == {"square-linf"}  # the sweep's PGD rows stay out
+
+
+def test_a_sweep_point_from_another_sweep_is_refused(mini_sweep, mini_budgets, tmp_path):
+    root = mini_sweep["folder"].parent.parent
+    with pytest.raises(ValueError, match="eps"):
+        sweeps.collect_budgets(mini_budgets["folder"],
+                               sweep_point=sweeps.sweep_file("tiny", 0.05, root))
+    with pytest.raises(FileNotFoundError, match="sweep stage"):
+        sweeps.collect_budgets(mini_budgets["folder"], sweep_point=tmp_path / "eps_0.2.json")
+    record = json.loads(sweeps.sweep_file("tiny", 0.2, root).read_text())
+    record["config"]["seed"] = 7
+    other = tmp_path / "eps_0.2.json"
+    other.write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="seed"):
+        sweeps.collect_budgets(mini_budgets["folder"], sweep_point=other)
 
 
 def test_saturation_budget_reads_dedicated_runs():

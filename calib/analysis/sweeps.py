@@ -333,7 +333,8 @@ def collect_sweep(folder: str | os.PathLike[str]) -> pd.DataFrame:
     return _collect(folder, prefix=_FILE_PREFIX, x="eps")
 
 
-def collect_budgets(folder: str | os.PathLike[str]) -> pd.DataFrame:
+def collect_budgets(folder: str | os.PathLike[str], *,
+                    sweep_point: str | os.PathLike[str] | None = None) -> pd.DataFrame:
     """Read every ``queries_*.json`` of one model's budget folder into a tidy table.
 
     Each file is a dedicated run at one query budget, as a user choosing that budget would
@@ -341,10 +342,52 @@ def collect_budgets(folder: str | os.PathLike[str]) -> pd.DataFrame:
     the sweep's images: Fig. 2's query axis. The files must agree on everything but the
     budget (model, eps, seed, images, settings, kinds, clean level).
 
+    Args:
+        folder: the model's budget folder (:func:`budget_dir`).
+        sweep_point: the sweep file at the budget runs' eps (:func:`sweep_file`), or None.
+            Its Square rows are exactly the dedicated run at the sweep's own budget
+            (``square_iterations``): the same attack, eps, images, seed and schedule. So the
+            pipeline does not run that budget twice; the sweep's Square rows fill it in,
+            unless a dedicated file for that budget exists (then the file is used).
+
     Returns:
         :func:`collect_sweep`'s columns, one row per (budget, setting, kind), sorted by budget.
+
+    Raises:
+        FileNotFoundError: no budget file, or ``sweep_point`` given but missing.
+        ValueError: files that disagree, or a sweep point that differs from the budget runs
+            in anything but its settings and budget (naming the keys).
     """
-    return _collect(folder, prefix=_BUDGET_PREFIX, x="budget")
+    tidy = _collect(folder, prefix=_BUDGET_PREFIX, x="budget")
+    if sweep_point is None:
+        return tidy
+    point = _sweep_point_as_budget(
+        Path(sweep_point), sorted(Path(folder).glob(f"{_BUDGET_PREFIX}*{_FILE_SUFFIX}"))[0])
+    if point is None or int(point["budget"].iloc[0]) in set(tidy["budget"]):
+        return tidy
+    return _sort(pd.concat([tidy, point], ignore_index=True), "budget").reset_index(drop=True)
+
+
+def _sweep_point_as_budget(path: Path, budget_path: Path) -> pd.DataFrame | None:
+    """The Square rows of sweep file ``path`` as a budget run, checked against a budget file.
+
+    None when the sweep ran no Square attack.
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"no sweep file {path} (run its sweep stage)")
+    record, reference = read_json(path), read_json(budget_path)
+    if format_eps(record["eps"]) != format_eps(reference["eps"]):
+        raise ValueError(f"{path}: sweep point at eps {record['eps']}, the budget runs at "
+                         f"{reference['eps']}")
+    square = [r for r in record["rows"] if r["method"] == "square"]
+    if not square:
+        return None
+    # The sweep also runs PGD, so its settings differ; everything else must match.
+    _check_same_sweep((budget_path, reference),
+                      (path, {**record, "config": {**record["config"],
+                                                   "settings": reference["config"]["settings"]}}),
+                      varying=("square_iterations",))
+    return pd.DataFrame(_tidy_rows({**record, "rows": square}))
 
 
 def _collect(folder: str | os.PathLike[str], *, prefix: str, x: str) -> pd.DataFrame:
@@ -370,22 +413,26 @@ def _collect(folder: str | os.PathLike[str], *, prefix: str, x: str) -> pd.DataF
         else:
             _check_same_sweep(reference, (path, record),
                               varying=("square_iterations",) if x == "budget" else ())
-        clean = record["clean"]
-        for row in record["rows"]:
-            out.append({
-                "model": record["model"], "setting": row["setting"], "kind": row["kind"],
-                "eps": float(record["eps"]), "budget": int(row["iterations"]), "n": row["n"],
-                "iterations": row["iterations"],
-                "accuracy": row["accuracy_after"], "confidence": row["confidence_after"],
-                "ece": row["ece_after"], "ks": row["ks_after"],
-                "success_rate": row["success_rate"], "queries_mean": row["queries_mean"],
-                "queries_success_mean": row["queries_success_mean"],
-                "label_preserved": row["label_preserved"], "linf_max": row["linf_max"],
-                "succeeded": row.get("succeeded"),
-                **{f"clean_{m}": clean[m] for m in ("accuracy", "confidence", "ece", "ks")},
-            })
+        out.extend(_tidy_rows(record))
     tidy = pd.DataFrame(out)
     return _sort(tidy, x).reset_index(drop=True)
+
+
+def _tidy_rows(record: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """One tidy row per attack row of a sweep or budget file (:func:`collect_sweep`'s columns)."""
+    clean = record["clean"]
+    return [{
+        "model": record["model"], "setting": row["setting"], "kind": row["kind"],
+        "eps": float(record["eps"]), "budget": int(row["iterations"]), "n": row["n"],
+        "iterations": row["iterations"],
+        "accuracy": row["accuracy_after"], "confidence": row["confidence_after"],
+        "ece": row["ece_after"], "ks": row["ks_after"],
+        "success_rate": row["success_rate"], "queries_mean": row["queries_mean"],
+        "queries_success_mean": row["queries_success_mean"],
+        "label_preserved": row["label_preserved"], "linf_max": row["linf_max"],
+        "succeeded": row.get("succeeded"),
+        **{f"clean_{m}": clean[m] for m in ("accuracy", "confidence", "ece", "ks")},
+    } for row in record["rows"]]
 
 
 def _check_same_sweep(reference: tuple[Path, Mapping[str, Any]],
