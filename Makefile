@@ -2,6 +2,7 @@
 # Both run the idempotent set-up first (virtual environment, packages, kernel, dataset).
 VENV ?= .venv
 PROFILE ?= default
+JOBS ?= auto
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export PYTHONHASHSEED := 0
 
@@ -11,9 +12,11 @@ setup:
 	@VENV=$(VENV) bash scripts/setup.sh
 
 ## Reproduce every stage of the pipeline for the profile in params.yaml (default profile).
+## JOBS stages at once (default auto: the cores, at most 4; 1 with a CUDA GPU); JOBS=1 is plain
+## `dvc repro`.
 reproduce: setup
 	python -m calib.config params.yaml
-	dvc repro
+	python -m calib.parallel --jobs $(JOBS)
 	dvc metrics show
 	-python -m calib.timings --by-kind
 

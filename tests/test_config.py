@@ -270,9 +270,9 @@ NAMES = "['resnet', 'vit', 'resnet_small', 'vit_small', 'resnet_lt']"
     (("analysis", "compare", "setting"), "pgd-l2",
      "analysis.compare.setting: 'pgd-l2' is not allowed; choose one of ['square-linf', "
      "'square-l2', 'pgd-linf']"),
-    (("defend", "n_images"), 301, "defend.n_images: 301 exceeds data.attack_size = 300 (images "
+    (("defend", "n_images"), 201, "defend.n_images: 201 exceeds data.attack_size = 200 (images "
                                   "come from the attack split)"),
-    (("sweep", "n_images"), 301, "sweep.n_images: 301 exceeds data.attack_size = 300 (images "
+    (("sweep", "n_images"), 201, "sweep.n_images: 201 exceeds data.attack_size = 200 (images "
                                  "come from the attack split)"),
     (("analysis", "detection", "lid_k"), 5000,
      "analysis.detection.lid_k: 5000 must be below analysis.detection.n_fit = 5000"),
