@@ -104,10 +104,15 @@ def critical_path_priority(depends_on: Mapping[str, set[str]], stages: set[str],
         for up in depends_on[name] & stages:
             dependents[up].add(name)
     priority: dict[str, float] = {}
+    visiting: set[str] = set()
 
     def visit(name: str) -> float:
         if name not in priority:
+            if name in visiting:
+                raise ValueError(f"stages {sorted(visiting)} wait on each other (a cycle)")
+            visiting.add(name)
             priority[name] = cost(name) + max((visit(d) for d in dependents[name]), default=0.0)
+            visiting.discard(name)
         return priority[name]
 
     for name in stages:

@@ -1,8 +1,9 @@
 """End to end: the whole pipeline at smoke scale in a temporary copy of the repository.
 
 Runs `python -m calib.profiles smoke` and `dvc repro` there, interrupts one run midway to show
-that a rerun completes, checks the outputs exist and make sense, and retrains one model to show
-that the same seed gives identical clean metrics on CPU.
+that a rerun completes (the rerun is `make reproduce`'s runner, `python -m calib.parallel`, two
+stages at once), checks the outputs exist and make sense, and retrains one model to show that
+the same seed (and thread count) gives identical clean metrics on CPU.
 """
 
 from __future__ import annotations
@@ -22,6 +23,10 @@ from calib.io import read_metrics
 
 pytestmark = pytest.mark.slow
 
+#: Every run of this module uses one thread per stage, as `make reproduce` does on two cores:
+#: trained weights depend on the thread count (weight-gradient reductions), attacks do not.
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
 
 @pytest.fixture(scope="module")
 def smoke_repo(tmp_path_factory) -> Path:
@@ -29,8 +34,9 @@ def smoke_repo(tmp_path_factory) -> Path:
     run([sys.executable, "-m", "calib.profiles", "smoke"], repo)
 
     # Interrupt a first run once training has started; the rerun must complete regardless.
-    proc = subprocess.Popen(["dvc", "repro"], cwd=repo, env=env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(["dvc", "repro"], cwd=repo, env=env(ONE_THREAD),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
         if (repo / "data/prepared/splits.safetensors").exists() and list(
@@ -45,7 +51,9 @@ def smoke_repo(tmp_path_factory) -> Path:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     start = time.monotonic()
-    run(["dvc", "repro"], repo)
+    out = run([sys.executable, "-m", "calib.parallel", "--jobs", "2"], repo,
+              extra_env=ONE_THREAD).stdout
+    assert "2 at once, 1 thread(s) each" in out and "stages done in" in out, out
     (repo / "smoke_seconds.txt").write_text(f"{time.monotonic() - start:.1f}\n")
     return repo
 
@@ -213,7 +221,8 @@ def test_noop_repro_is_fast(smoke_repo):
 
 def test_same_seed_same_clean_metrics(smoke_repo):
     before = _metrics(smoke_repo, "resnet")
-    run(["dvc", "repro", "--force", "--single-item", "train@resnet"], smoke_repo)
+    run(["dvc", "repro", "--force", "--single-item", "train@resnet"], smoke_repo,
+        extra_env=ONE_THREAD)
     after = _metrics(smoke_repo, "resnet")
     assert after == before
 
@@ -239,7 +248,8 @@ def test_figures_are_byte_identical_when_rerun(smoke_repo):
     # representation scatter plots, saliency maps, the comparison's bars.
     stages = ["attack@resnet", "defence_table@resnet", "sweep_plot@resnet",
               "representations@resnet", "saliency@vit", "compare"]
-    out = run(["dvc", "repro", "--force", "--single-item", *stages], smoke_repo).stdout
+    out = run(["dvc", "repro", "--force", "--single-item", *stages], smoke_repo,
+              extra_env=ONE_THREAD).stdout
     assert _stagesrun(out) == set(stages), out
     after = _figure_hashes(smoke_repo)
     changed = [name for name in before if after.get(name) != before[name]]
