@@ -42,6 +42,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from calib.timings import format_seconds
+
 #: Rough minutes per stage of each kind in the default profile on a 2-core CPU (README "Time of
 #: the whole pipeline"); only their ratios matter, for the order in which ready stages start.
 STAGE_COST: dict[str, float] = {
@@ -136,8 +138,6 @@ def schedule_order(depends_on: Mapping[str, set[str]], stages: set[str], jobs: i
             pending.discard(name)
             running[name] = clock + cost(name)
             order.append(name)
-        if not running:
-            raise ValueError(f"stages {sorted(pending)} wait on each other (a cycle)")
         name = min(running, key=lambda n: (running[n], n))
         clock = running.pop(name)
     return order
@@ -194,14 +194,12 @@ def run_parallel(depends_on: Mapping[str, set[str]], stages: set[str], *, jobs: 
                     echo(f"[{_clock(start)}] start {name}")
             elif not running:
                 break
-            if not running and pending:
-                raise ValueError(f"stages {sorted(pending)} wait on each other (a cycle)")
             time.sleep(poll_seconds)
             for name, (proc, began) in list(running.items()):
                 if proc.poll() is None:
                     continue
                 del running[name]
-                took = _minutes(time.monotonic() - began)
+                took = format_seconds(time.monotonic() - began)
                 if proc.returncode == 0:
                     done.add(name)
                     echo(f"[{_clock(start)}] done  {name} in {took} ({len(done)}/{total})")
@@ -226,12 +224,8 @@ def _tail(path: Path, lines: int = 40) -> str:
     return "\n".join("    " + line for line in text[-lines:])
 
 
-def _minutes(seconds: float) -> str:
-    return f"{int(seconds // 60)}:{int(seconds % 60):02d}"
-
-
 def _clock(start: float) -> str:
-    return _minutes(time.monotonic() - start)
+    return format_seconds(time.monotonic() - start)
 
 
 def pipeline_graph(repo_root: str | Path = ".") -> tuple[dict[str, set[str]], set[str]]:

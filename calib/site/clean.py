@@ -24,7 +24,7 @@ CODE_ROOT = str(Path(__file__).resolve().parents[2]) + "/"
 
 
 def relative_paths(text: str, root: str = CODE_ROOT) -> str:
-    """``text`` with ``root`` cut from paths: ``/home/me/repo/calib/x.py`` -> ``calib/x.py``."""
+    """``text`` with ``root`` cut from paths: ``<root>/calib/x.py`` -> ``calib/x.py``."""
     return text.replace(root, "")
 
 
