@@ -466,6 +466,43 @@ def test_collect_budgets_rejects_a_file_of_another_eps(mini_budgets, tmp_path):
         sweeps.collect_budgets(folder)
 
 
+def test_collect_budgets_reads_only_the_listed_budgets(mini_budgets, tmp_path):
+    # A budget removed from sweep.budgets leaves its file behind (DVC does not delete the
+    # outputs of a stage that no longer exists): it must neither enter the figure nor stop it.
+    folder = tmp_path / "budget"
+    shutil.copytree(mini_budgets["folder"], folder)
+    record = json.loads((folder / "queries_10.json").read_text())
+    record["config"]["seed"] = 7  # from an older configuration: the full read rejects it
+    stale = folder / "queries_25.json"
+    stale.write_text(json.dumps(record).replace('"iterations": 10', '"iterations": 25'))
+    with pytest.raises(ValueError):
+        sweeps.collect_budgets(folder)
+    with pytest.warns(UserWarning, match=r"queries_25\.json"):
+        tidy = sweeps.collect_budgets(folder, budgets=list(BUDGETS))
+    assert sorted(set(tidy["budget"])) == list(BUDGETS)
+    with pytest.warns(UserWarning, match=r"queries_25\.json"):
+        assert set(sweeps.collect_budgets(folder, budgets=[10])["budget"]) == {10}
+    with pytest.raises(FileNotFoundError, match=r"queries_50\.json"):
+        sweeps.collect_budgets(folder, budgets=[10, 50])
+    with pytest.raises(ValueError, match="budget"):
+        sweeps.collect_budgets(folder, budgets=[0])
+
+
+def test_collect_sweep_reads_only_the_listed_eps(mini_sweep, tmp_path):
+    folder = tmp_path / "sweep"
+    shutil.copytree(mini_sweep["folder"], folder)
+    record = json.loads((folder / f"eps_{EPS_GRID[0]!r}.json").read_text())
+    record["eps"], record["config"]["seed"] = 0.3, 7
+    (folder / "eps_0.3.json").write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="seed"):
+        sweeps.collect_sweep(folder)
+    with pytest.warns(UserWarning, match=r"eps_0\.3\.json"):
+        tidy = sweeps.collect_sweep(folder, eps=list(EPS_GRID))
+    assert sorted(set(tidy["eps"])) == sorted(EPS_GRID)
+    with pytest.raises(FileNotFoundError, match=r"eps_0\.1\.json"):
+        sweeps.collect_sweep(folder, eps=[*EPS_GRID, 0.1])
+
+
 def test_the_sweep_point_is_the_dedicated_run_at_the_sweeps_budget(mini_sweep, mini_budgets,
                                                                      tmp_path):
     # The pipeline runs no budget stage at sweep.square_iterations: the sweep point at the

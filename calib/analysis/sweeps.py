@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -312,12 +313,19 @@ def sweep_record(model_name: str, eps: float, rows: Sequence[Mapping[str, Any]],
 
 # --- collecting and tabulating ------------------------------------------------------------------
 
-def collect_sweep(folder: str | os.PathLike[str]) -> pd.DataFrame:
-    """Read every ``eps_*.json`` of one model's sweep folder into a tidy table.
+def collect_sweep(folder: str | os.PathLike[str], *, eps: Sequence[float] | None = None
+                  ) -> pd.DataFrame:
+    """Read one model's sweep files (``eps_*.json``) into a tidy table.
 
     The files must come from one sweep: the same model, configuration (budget, seed, images,
     settings, kinds) and clean level. A stale file left by an older grid with other settings
     therefore fails loudly instead of mixing into the curve.
+
+    Args:
+        folder: the model's sweep folder (:func:`sweep_dir`).
+        eps: the grid to read (``sweep.eps``): exactly these files, each required; any other
+            ``eps_*.json`` in the folder (left by a grid point since removed from params.yaml)
+            is skipped with a warning naming it. None reads every file in the folder.
 
     Returns:
         One row per (eps, setting, kind), sorted by setting, kind, eps, with columns model,
@@ -327,15 +335,16 @@ def collect_sweep(folder: str | os.PathLike[str]) -> pd.DataFrame:
         clean level ``clean_accuracy``, ``clean_confidence``, ``clean_ece``, ``clean_ks``.
 
     Raises:
-        FileNotFoundError: no folder or no sweep file in it.
+        FileNotFoundError: no folder or no sweep file in it, or a file of ``eps`` missing.
         ValueError: a misnamed file, or files that disagree (naming the file).
     """
-    return _collect(folder, prefix=_FILE_PREFIX, x="eps")
+    names = None if eps is None else [format_eps(e) for e in eps]
+    return _collect(folder, prefix=_FILE_PREFIX, x="eps", names=names)
 
 
-def collect_budgets(folder: str | os.PathLike[str], *,
+def collect_budgets(folder: str | os.PathLike[str], *, budgets: Sequence[int] | None = None,
                     sweep_point: str | os.PathLike[str] | None = None) -> pd.DataFrame:
-    """Read every ``queries_*.json`` of one model's budget folder into a tidy table.
+    """Read one model's dedicated budget runs (``queries_*.json``) into a tidy table.
 
     Each file is a dedicated run at one query budget, as a user choosing that budget would
     run it (Square's window schedule rescaled to that budget), at the attack stage's eps, on
@@ -344,6 +353,9 @@ def collect_budgets(folder: str | os.PathLike[str], *,
 
     Args:
         folder: the model's budget folder (:func:`budget_dir`).
+        budgets: the budgets to read (``sweep.budgets``): exactly these files, each required;
+            any other ``queries_*.json`` in the folder (left by a budget since removed from
+            params.yaml) is skipped with a warning naming it. None reads every file.
         sweep_point: the sweep file at the budget runs' eps (:func:`sweep_file`), or None.
             Its Square rows are exactly the dedicated run at the sweep's own budget
             (``square_iterations``): the same attack, eps, images, seed and schedule. So the
@@ -354,15 +366,19 @@ def collect_budgets(folder: str | os.PathLike[str], *,
         :func:`collect_sweep`'s columns, one row per (budget, setting, kind), sorted by budget.
 
     Raises:
-        FileNotFoundError: no budget file, or ``sweep_point`` given but missing.
+        FileNotFoundError: no budget file, a file of ``budgets`` missing, or ``sweep_point``
+            given but missing.
         ValueError: files that disagree, or a sweep point that differs from the budget runs
             in anything but its settings and budget (naming the keys).
     """
-    tidy = _collect(folder, prefix=_BUDGET_PREFIX, x="budget")
+    names = None if budgets is None else [
+        str(check_int("budget", b, minimum=1)) for b in budgets]
+    tidy = _collect(folder, prefix=_BUDGET_PREFIX, x="budget", names=names)
     if sweep_point is None:
         return tidy
-    point = _sweep_point_as_budget(
-        Path(sweep_point), sorted(Path(folder).glob(f"{_BUDGET_PREFIX}*{_FILE_SUFFIX}"))[0])
+    first = int(tidy["budget"].iloc[0])
+    point = _sweep_point_as_budget(Path(sweep_point),
+                                   Path(folder) / f"{_BUDGET_PREFIX}{first}{_FILE_SUFFIX}")
     if point is None or int(point["budget"].iloc[0]) in set(tidy["budget"]):
         return tidy
     return _sort(pd.concat([tidy, point], ignore_index=True), "budget").reset_index(drop=True)
@@ -390,9 +406,25 @@ def _sweep_point_as_budget(path: Path, budget_path: Path) -> pd.DataFrame | None
     return pd.DataFrame(_tidy_rows({**record, "rows": square}))
 
 
-def _collect(folder: str | os.PathLike[str], *, prefix: str, x: str) -> pd.DataFrame:
+def _collect(folder: str | os.PathLike[str], *, prefix: str, x: str,
+             names: Sequence[str] | None = None) -> pd.DataFrame:
+    """Tidy rows of the ``<prefix><name>.json`` files of ``folder``: those of ``names`` (each
+    required, others skipped with a warning) or, with None, every such file."""
     folder = Path(folder)
-    files = sorted(folder.glob(f"{prefix}*{_FILE_SUFFIX}")) if folder.is_dir() else []
+    present = sorted(folder.glob(f"{prefix}*{_FILE_SUFFIX}")) if folder.is_dir() else []
+    if names is None:
+        files = present
+    else:
+        files = [folder / f"{prefix}{name}{_FILE_SUFFIX}" for name in dict.fromkeys(names)]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"{folder}: no {', '.join(missing)} (run `dvc repro` to write them)")
+        stale = sorted(set(p.name for p in present) - set(f.name for f in files))
+        if stale:
+            warnings.warn(f"{folder}: skipping {', '.join(stale)}, not in the {x} list of "
+                          f"params.yaml (left by an earlier configuration)", UserWarning,
+                          stacklevel=3)
     if not files:
         raise FileNotFoundError(f"no files {prefix}*.json in {folder} (run their stages)")
     reference: tuple[Path, dict[str, Any]] | None = None
