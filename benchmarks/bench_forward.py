@@ -118,6 +118,8 @@ def build_variant(name: str, model: nn.Module, example: torch.Tensor) -> tuple[F
         import torch._inductor.config as inductor_config
 
         inductor_config.freezing = True
+        # A fresh compiler state per model: past its recompile limit dynamo silently runs eager.
+        torch._dynamo.reset()
         compiled = torch.compile(model)
         start = time.perf_counter()
         with torch.no_grad():
@@ -149,8 +151,12 @@ def bench_model(label: str, model: nn.Module, images: torch.Tensor, *, batches: 
         for name in variants:
             try:
                 built[name] = build_variant(name, model, images[: batches[0]])
+                with torch.inference_mode():
+                    built[name][0](images[:2])
             except Exception as error:  # a variant this model or build cannot run
-                print(f"{label}: {name} unavailable: {type(error).__name__}: {error}"[:300])
+                built.pop(name, None)
+                print(f"{label}: {name} unavailable: {type(error).__name__}: "
+                      f"{str(error).splitlines()[0]}"[:200])
         for batch in batches:
             x = images[:batch]
             reference = None

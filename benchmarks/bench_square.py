@@ -21,6 +21,14 @@ fallback (the precision used is reported); the counting wrapper sits outside the
 wrapper, so the casts are charged to the forward. fp32 is always measured, since the
 speed-ups are quoted against fp32; (c) runs in fp32 only.
 
+Query graphs (``--graphs``, default eager): with ``frozen`` (a) and (b) also run, in fp32, on
+the model frozen by ``calib.query_graph.freeze_for_queries`` (BatchNorm folded, oneDNN
+convolutions; ``precision_check.py --query-graph frozen`` validates it on the trained
+ResNet-18). A model the graph cannot speed up (no BatchNorm: the tiny configurations) falls
+back to eager and gets no frozen rows. The script then also prints calib on the frozen graph
+over torchattacks on the eager model (the comparison of each as it runs by default) and over
+torchattacks on the same frozen graph (the attacks alone).
+
 Configurations:
   tiny28   a 1-layer conv + linear model on 28x28x1 images (bookkeeping dominates);
   tiny224  the same model on 224x224x3 images;
@@ -30,7 +38,7 @@ Configurations:
 Usage:
   PYTHONPATH=. python benchmarks/bench_square.py [--configs tiny28 tiny224 resnet18]
       [--n 500] [--n224 100] [--iterations 100] [--threads 2] [--repeat 1]
-      [--precisions fp32 bf16 tf32] [--out results.json]
+      [--precisions fp32 bf16 tf32] [--graphs eager frozen] [--out results.json]
 """
 
 from __future__ import annotations
@@ -53,6 +61,7 @@ from paper_loop_baseline import calibration_attack_linf
 
 from calib.attacks import square_attack
 from calib.precision import PRECISIONS, resolve_precision, with_precision
+from calib.query_graph import QUERY_GRAPHS, freeze_for_queries
 
 EPS = 0.05
 P_INIT = 0.05
@@ -102,6 +111,7 @@ class Timing:
     forward_seconds: float
     precision: str = "fp32"
     precision_used: str = "fp32"
+    graph: str = "eager"
 
     @property
     def per_iteration_ms(self) -> float:
@@ -129,24 +139,25 @@ class Timing:
 
 
 def _timed(config: str, name: str, model: CountingModel, iterations: int, run,
-           precision: str, used: str) -> Timing:
+           precision: str, used: str, graph: str = "eager") -> Timing:
     model.reset()
     start = time.perf_counter()
     run()
     seconds = time.perf_counter() - start
     return Timing(config, name, iterations, model.images, seconds, model.seconds,
-                  precision=precision, precision_used=used)
+                  precision=precision, precision_used=used, graph=graph)
 
 
 def bench_config(config: str, net: nn.Module, images: torch.Tensor, iterations: int,
-                 repeat: int, skip_baseline: bool, precisions: tuple[str, ...] = ("fp32",)
-                 ) -> list[Timing]:
+                 repeat: int, skip_baseline: bool, precisions: tuple[str, ...] = ("fp32",),
+                 graphs: tuple[str, ...] = ("eager",)) -> list[Timing]:
     """Time the implementations ``repeat`` times, interleaved; keep each one's fastest run
     (the least disturbed by other processes on a shared machine).
 
     ``calib`` and ``torchattacks`` run once per precision, on ``with_precision(net, ...)``
     inside the counting wrapper; ``paper_loop`` in fp32 only. The labels torchattacks
-    attacks are the fp32 predictions in every precision.
+    attacks are the fp32 predictions in every precision. With "frozen" in ``graphs`` both
+    also run in fp32 on ``freeze_for_queries(net)`` (unless it falls back to eager).
     """
     import torchattacks
 
@@ -154,26 +165,34 @@ def bench_config(config: str, net: nn.Module, images: torch.Tensor, iterations: 
     with torch.no_grad():
         labels = net(images).argmax(1)
     x = images.numpy().astype(np.float64)
-    runs: dict[tuple[str, str], tuple[CountingModel, str, object]] = {}
-    for requested in precisions:
+    runs: dict[tuple[str, str, str], tuple[CountingModel, str, object]] = {}
+    candidates = [(p, "eager") for p in precisions]
+    if "frozen" in graphs:
+        frozen, graph = freeze_for_queries(net, "frozen")
+        if graph.used == "frozen":
+            candidates.append(("fp32", "frozen"))
+        else:
+            print(f"{config}: no frozen rows ({graph.reason})")
+    for requested, graph_name in candidates:
         chosen = resolve_precision(requested, images.device, warn=False)
-        model = CountingModel(with_precision(net, chosen)).eval()
+        queried = frozen if graph_name == "frozen" else with_precision(net, chosen)
+        model = CountingModel(queried).eval()
         attack = torchattacks.Square(model, norm="Linf", eps=EPS, n_queries=iterations,
                                      n_restarts=1, p_init=P_INIT, loss="margin", seed=0)
-        runs["calib", requested] = (model, chosen.used, functools.partial(
+        runs["calib", requested, graph_name] = (model, chosen.used, functools.partial(
             square_attack, model, images, kind="uca", eps=EPS, iterations=iterations,
             p_init=P_INIT, uca_margin=0.0, batch_size=images.shape[0]))
-        runs["torchattacks", requested] = (model, chosen.used,
-                                           functools.partial(attack, images, labels))
-        if requested == "fp32" and not skip_baseline:
+        runs["torchattacks", requested, graph_name] = (
+            model, chosen.used, functools.partial(attack, images, labels))
+        if (requested, graph_name) == ("fp32", "eager") and not skip_baseline:
             # The released loop runs n_iters - 1 iterations.
-            runs["paper_loop", requested] = (model, "fp32", functools.partial(
+            runs["paper_loop", requested, graph_name] = (model, "fp32", functools.partial(
                 calibration_attack_linf, model, x, EPS, iterations + 1, p_init=P_INIT,
                 uca_margin=-1.0, batch_size=images.shape[0]))
-    best: dict[tuple[str, str], Timing] = {}
+    best: dict[tuple[str, str, str], Timing] = {}
     for _ in range(repeat):
         for key, (model, used, run) in runs.items():
-            t = _timed(config, key[0], model, iterations, run, key[1], used)
+            t = _timed(config, key[0], model, iterations, run, key[1], used, key[2])
             if key not in best or t.seconds < best[key].seconds:
                 best[key] = t
     return list(best.values())
@@ -182,7 +201,7 @@ def bench_config(config: str, net: nn.Module, images: torch.Tensor, iterations: 
 def precision_ratios(timings: list[Timing], config: str) -> str | None:
     """calib at its fastest precision (of those not fallen back) and at fp32, in queries per
     second, over torchattacks at fp32 (None when either fp32 row is missing)."""
-    rows = [t for t in timings if t.config == config]
+    rows = [t for t in timings if t.config == config and t.graph == "eager"]
     # A precision that fell back is fp32 measured again, not a candidate for "fastest".
     ours = [t for t in rows if t.implementation == "calib" and t.precision == t.precision_used]
     base = {t.implementation: t for t in rows if t.precision == "fp32"}
@@ -195,10 +214,27 @@ def precision_ratios(timings: list[Timing], config: str) -> str | None:
             f"{base['calib'].queries_per_second / ref:.2f}x")
 
 
+def graph_ratios(timings: list[Timing], config: str) -> str | None:
+    """calib in fp32 on the frozen graph over torchattacks in fp32 on the eager model and on
+    the same frozen graph, in queries per second (None without frozen rows)."""
+    rows = {(t.implementation, t.graph): t for t in timings
+            if t.config == config and t.precision == "fp32"}
+    needed = [("calib", "frozen"), ("torchattacks", "eager"), ("torchattacks", "frozen")]
+    if any(key not in rows for key in needed):
+        return None
+    ours = rows["calib", "frozen"].queries_per_second
+    return (f"calib(fp32, frozen) / torchattacks(fp32, eager) = "
+            f"{ours / rows['torchattacks', 'eager'].queries_per_second:.2f}x, "
+            f"calib(fp32, frozen) / torchattacks(fp32, frozen) = "
+            f"{ours / rows['torchattacks', 'frozen'].queries_per_second:.2f}x")
+
+
 def _label(t: Timing) -> str:
-    """The precision as requested, with the fallback shown: "bf16", "tf32->fp32"."""
-    return t.precision if t.precision == t.precision_used \
+    """The precision as requested, with the fallback and the graph shown: "bf16",
+    "tf32->fp32", "fp32 frozen"."""
+    label = t.precision if t.precision == t.precision_used \
         else f"{t.precision}->{t.precision_used}"
+    return f"{label} frozen" if t.graph == "frozen" else label
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -215,10 +251,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--precisions", nargs="+", default=["fp32"], choices=PRECISIONS,
                         help="query precisions of calib and torchattacks (fp32 is always "
                              "measured; paper_loop runs in fp32 only)")
+    parser.add_argument("--graphs", nargs="+", default=["eager"], choices=QUERY_GRAPHS,
+                        help="query graphs of calib and torchattacks (eager is always "
+                             "measured; frozen runs in fp32)")
     parser.add_argument("--out", type=Path, help="write the timings as JSON here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     precisions = tuple(dict.fromkeys(["fp32", *args.precisions]))
+    graphs = tuple(dict.fromkeys(["eager", *args.graphs]))
 
     gen = torch.Generator().manual_seed(0)
     timings: list[Timing] = []
@@ -230,22 +270,23 @@ def main(argv: list[str] | None = None) -> None:
         else:
             net, images = resnet18_model(0), torch.rand(args.n, 1, 28, 28, generator=gen)
         timings += bench_config(config, net, images, args.iterations, args.repeat,
-                                args.skip_baseline, precisions)
+                                args.skip_baseline, precisions, graphs)
 
-    header = (f"{'config':9s} {'implementation':13s} {'precision':10s} {'ms/iter':>9s} "
+    header = (f"{'config':9s} {'implementation':13s} {'precision':12s} {'ms/iter':>9s} "
               f"{'queries/s':>10s} {'outside fwd':>11s} {'us/query outside':>17s}")
     print(f"threads={args.threads} iterations={args.iterations} repeat={args.repeat} "
           f"n={args.n} n224={args.n224} precisions={','.join(precisions)} "
+          f"graphs={','.join(graphs)} "
           f"torch={torch.__version__}")
     print(header)
     for t in timings:
-        print(f"{t.config:9s} {t.implementation:13s} {_label(t):10s} "
+        print(f"{t.config:9s} {t.implementation:13s} {_label(t):12s} "
               f"{t.per_iteration_ms:9.2f} {t.queries_per_second:10.0f} "
               f"{t.outside_share:11.1%} {t.outside_per_query_us:17.1f}")
     print("\nspeed-up of calib (fp32): queries per second (time outside the forward per query)")
     for config in args.configs:
         rows = {t.implementation: t for t in timings
-                if t.config == config and t.precision == "fp32"}
+                if t.config == config and t.precision == "fp32" and t.graph == "eager"}
         ours = rows["calib"]
         ratios = ", ".join(
             f"{ours.queries_per_second / t.queries_per_second:.1f}x "
@@ -257,6 +298,13 @@ def main(argv: list[str] | None = None) -> None:
         print("\nprecision: calib at its fastest precision and at fp32 vs torchattacks at fp32")
     for config in shown:
         print(f"  {config}: {precision_ratios(timings, config)}")
+    frozen_lines = [(c, graph_ratios(timings, c)) for c in args.configs]
+    if any(line for _, line in frozen_lines):
+        print("\nquery graph: calib on the frozen graph vs torchattacks on the eager model and "
+              "on the frozen graph")
+    for config, line in frozen_lines:
+        if line:
+            print(f"  {config}: {line}")
     if args.out:
         args.out.write_text(json.dumps([t.row() for t in timings], indent=2) + "\n")
 

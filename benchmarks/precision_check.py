@@ -8,10 +8,16 @@ clean predictions must agree 100% and every Table 1 number (success, accuracy, c
 ECE, KS after) must stay inside the fp32 run's 95% bootstrap interval. Both runs' reported
 numbers are re-read in fp32, so the check measures what the reduced queries do to the attack.
 
+``--query-graph frozen`` checks fp32 queries on a frozen TorchScript graph of the model
+(:mod:`calib.query_graph`) against the eager model instead: the black-box settings query the
+graph, white-box PGD (which needs gradients) runs on the model in both runs.
+
 Usage::
 
     PYTHONPATH=. .venv/bin/python benchmarks/precision_check.py --models resnet vit \
         [--precision bf16] [--n 500] [--out precision_check.json]
+    PYTHONPATH=. .venv/bin/python benchmarks/precision_check.py --models resnet \
+        --query-graph frozen
 """
 
 from __future__ import annotations
@@ -55,12 +61,12 @@ def load_attack_split(name: str, n: int | None = None, data_root: Path = ROOT / 
     return models.load_trained(ROOT / paths.model_dir(name)), images, labels
 
 
-def check_model(name: str, grid: AttackGrid, *, precision: str, n: int | None, seed: int
-                ) -> dict:
+def check_model(name: str, grid: AttackGrid, *, precision: str, n: int | None, seed: int,
+                query_graph: str = "eager") -> dict:
     model, images, labels = load_attack_split(name, n)
     check = compare_precisions(model, images, labels, grid, precision=precision, seed=seed,
-                               show_progress=True)
-    return report(name, len(labels), precision, check)
+                               query_graph=query_graph, show_progress=True)
+    return report(name, len(labels), check.candidate, check)
 
 
 def report(name: str, n: int, precision: str, check: PrecisionCheck) -> dict:
@@ -85,7 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["resnet", "vit"])
-    parser.add_argument("--precision", default="bf16", choices=["bf16", "tf32"])
+    parser.add_argument("--precision", default=None, choices=["bf16", "tf32", "fp32"],
+                        help="the candidate's precision (default: bf16; fp32 with "
+                             "--query-graph frozen, the only precision it runs in)")
+    parser.add_argument("--query-graph", default="eager", choices=["eager", "frozen"])
     parser.add_argument("--n", type=int, default=None,
                         help="first N images of the attack split (default: all of it)")
     parser.add_argument("--seed", type=int, default=0)
@@ -95,8 +104,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     grid = grid_from_params(params["attack"])
-    results = [check_model(name, grid, precision=args.precision, n=args.n, seed=args.seed)
-               for name in args.models]
+    precision = args.precision or ("fp32" if args.query_graph == "frozen" else "bf16")
+    if precision == "fp32" and args.query_graph == "eager":
+        parser.error("fp32 with an eager graph is the reference itself; check bf16, tf32 or "
+                     "--query-graph frozen")
+    results = [check_model(name, grid, precision=precision, n=args.n, seed=args.seed,
+                           query_graph=args.query_graph) for name in args.models]
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))
     return 0 if all(r["passed"] for r in results) else 1

@@ -1,7 +1,8 @@
-"""Is a reduced query precision safe for a profile? fp32 against bf16/TF32 on the attacked set.
+"""Is a faster query forward safe for a profile? fp32 against bf16/TF32 or a frozen graph.
 
-A profile may set ``attack.precision`` to something other than fp32 only after this check has
-passed on its models (SPEC §10, "measured, not assumed"):
+A profile may set ``attack.precision`` to something other than fp32, or query a frozen graph
+of the model (:mod:`calib.query_graph`), only after this check has passed on its models
+(SPEC §10, "measured, not assumed"):
 
 1. the clean predictions of the attacked images agree 100% between fp32 and the reduced
    precision (a reduced forward that moves a label would attack a different prediction);
@@ -29,8 +30,10 @@ import pandas as pd
 import torch
 from torch import nn
 
-from calib.attacks.grid import AttackGrid, GridRun, run_grid
+from calib.attacks.base import reevaluate
+from calib.attacks.grid import AttackGrid, GridRun, run_grid, split_setting
 from calib.precision import Precision, resolve_precision, with_precision
+from calib.query_graph import QueryGraph, freeze_for_queries
 from calib.runtime import predict_logits
 
 __all__ = ["CHECKED_METRICS", "PrecisionCheck", "clean_agreement", "compare_precisions"]
@@ -66,6 +69,13 @@ class PrecisionCheck:
     agreement: float
     rows: list[dict]
     seconds: dict[str, float]
+    query_graph: QueryGraph | None = None
+
+    @property
+    def candidate(self) -> str:
+        """What the checked run's queries ran in: "bf16", "tf32", "fp32" or "fp32-frozen"."""
+        frozen = self.query_graph is not None and self.query_graph.used == "frozen"
+        return f"{self.precision.used}-frozen" if frozen else self.precision.used
 
     @property
     def passed(self) -> bool:
@@ -73,8 +83,8 @@ class PrecisionCheck:
 
     @property
     def speedup(self) -> float:
-        """fp32 grid time over reduced-precision grid time."""
-        return self.seconds["fp32"] / self.seconds[self.precision.used]
+        """fp32 grid time over the checked run's grid time."""
+        return self.seconds["fp32"] / self.seconds[self.candidate]
 
     def table(self) -> pd.DataFrame:
         return pd.DataFrame(self.rows)
@@ -83,9 +93,11 @@ class PrecisionCheck:
         """One sentence: passed or not, and on what."""
         if self.precision.fell_back:
             return f"not checked: {self.precision.reason}"
+        if self.query_graph is not None and self.query_graph.fell_back:
+            return f"not checked: {self.query_graph.reason}"
         outside = [f"{r['setting']}/{r['kind']} {r['metric']}" for r in self.rows
                    if not r["inside"]]
-        head = (f"{self.precision.used}: clean predictions agree {self.agreement:.2%}, "
+        head = (f"{self.candidate}: clean predictions agree {self.agreement:.2%}, "
                 f"{len(self.rows) - len(outside)}/{len(self.rows)} Table 1 numbers inside "
                 f"fp32's 95% interval, {self.speedup:.2f}x faster")
         if self.passed:
@@ -97,30 +109,72 @@ def _summaries(run: GridRun) -> dict[tuple[str, str], dict]:
     return {(s["setting"], s["kind"]): s for s in run.summaries()}
 
 
+def _frozen_grid(model: nn.Module, queries: nn.Module, images: torch.Tensor,
+                 labels: torch.Tensor, grid: AttackGrid, *, seed: int, batch_size: int,
+                 show_progress: bool) -> GridRun:
+    """``grid`` with its black-box settings querying the frozen graph ``queries`` and its
+    white-box ones differentiating through ``model``; every outcome re-read on ``model``."""
+    black = tuple(s for s in grid.settings if split_setting(s)[0] == "square")
+    white = tuple(s for s in grid.settings if s not in black)
+    results, seconds = {}, 0.0
+    for settings, attacked in ((black, queries), (white, model)):
+        if not settings:
+            continue
+        run = run_grid(attacked, images, labels, replace(grid, settings=settings), seed=seed,
+                       batch_size=batch_size, show_progress=show_progress)
+        # run_grid re-read the outcomes on what it was given; report what eager fp32 says.
+        results.update({key: reevaluate(result, model, batch_size=batch_size)
+                        for key, result in run.results.items()})
+        seconds += run.seconds
+    ordered = {(s, k): results[s, k] for s in grid.settings for k in grid.kinds}
+    return GridRun(grid, ordered, run.labels, seconds, run.precision)
+
+
 def compare_precisions(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                       grid: AttackGrid, *, precision: str = "bf16", seed: int = 0,
-                       batch_size: int = 256, show_progress: bool = False,
+                       grid: AttackGrid, *, precision: str = "bf16", query_graph: str = "eager",
+                       seed: int = 0, batch_size: int = 256, show_progress: bool = False,
                        reduced_context: Callable[[], AbstractContextManager] | None = None
                        ) -> PrecisionCheck:
-    """Run ``grid`` with fp32 queries and with ``precision`` queries; compare Table 1.
+    """Run ``grid`` with fp32 queries and with the candidate's queries; compare Table 1.
 
     Args:
         model: the trained model (images (N, C, H, W) in [0, 1] -> logits (N, K)).
         images, labels: the attacked set, on the model's device.
         grid: the profile's attack grid (its own ``precision`` is ignored).
-        precision: the reduced precision to check ("bf16" or "tf32").
+        precision: the candidate's precision ("bf16", "tf32", or "fp32" with a frozen graph).
+        query_graph: "frozen" queries a frozen graph of ``model``
+            (:func:`calib.query_graph.freeze_for_queries`) in the black-box settings (white-box
+            PGD needs gradients and runs on ``model``, so its numbers match by construction);
+            fp32 only. "eager" queries ``model``.
         seed, batch_size, show_progress: as :func:`calib.attacks.grid.run_grid`.
-        reduced_context: a factory of the context the reduced run executes in (e.g. a
+        reduced_context: a factory of the context the candidate run executes in (e.g. a
             candidate rule that confirms some of the reduced queries' decisions in fp32,
             ``benchmarks/precision_decisions.py --check``); None runs it as is.
+
+    Raises:
+        ValueError: an unknown name, or a frozen graph with a precision other than fp32.
     """
     chosen = resolve_precision(precision, images.device)
-    agreement = clean_agreement(model, images, chosen, batch_size=batch_size)
+    queries, graph = freeze_for_queries(model, query_graph)
+    if graph.requested == "frozen" and chosen.used != "fp32":
+        raise ValueError(f"query_graph 'frozen' runs in fp32; precision {precision!r} resolved "
+                         f"to {chosen.used!r}")
+    if graph.used == "frozen":
+        reference_labels = predict_logits(model, images, batch_size=batch_size).argmax(1)
+        frozen_labels = predict_logits(queries, images, batch_size=batch_size).argmax(1)
+        agreement = float((reference_labels == frozen_labels).double().mean())
+    else:
+        agreement = clean_agreement(model, images, chosen, batch_size=batch_size)
     reference = run_grid(model, images, labels, replace(grid, precision="fp32"), seed=seed,
                          batch_size=batch_size, show_progress=show_progress)
     with (reduced_context or contextlib.nullcontext)():
-        reduced = run_grid(model, images, labels, replace(grid, precision=chosen.used),
-                           seed=seed, batch_size=batch_size, show_progress=show_progress)
+        if graph.used == "frozen":
+            reduced = _frozen_grid(model, queries, images, labels,
+                                   replace(grid, precision="fp32"), seed=seed,
+                                   batch_size=batch_size, show_progress=show_progress)
+        else:
+            reduced = run_grid(model, images, labels, replace(grid, precision=chosen.used),
+                               seed=seed, batch_size=batch_size, show_progress=show_progress)
     ref, red = _summaries(reference), _summaries(reduced)
     rows = []
     for (setting, kind), s in ref.items():
@@ -130,6 +184,7 @@ def compare_precisions(model: nn.Module, images: torch.Tensor, labels: torch.Ten
                          "fp32": s[metric], "fp32_lo": lo, "fp32_hi": hi,
                          "reduced": value,
                          "difference": value - s[metric], "inside": lo <= value <= hi})
-    seconds = {"fp32": reference.seconds}
-    seconds[chosen.used] = reduced.seconds if chosen.used != "fp32" else reference.seconds
-    return PrecisionCheck(chosen, agreement, rows, seconds)
+    check = PrecisionCheck(chosen, agreement, rows, {"fp32": reference.seconds}, graph)
+    check.seconds[check.candidate] = (reduced.seconds if check.candidate != "fp32"
+                                      else reference.seconds)
+    return check
