@@ -248,18 +248,6 @@ def test_uca_fewer_queries_fails_when_uca_needs_more_and_is_partly_within_noise(
 
 # --- claim 4: detection ------------------------------------------------------------------------
 
-def _detection(ordinary: float, calibration: float) -> pd.DataFrame:
-    return pd.DataFrame({"detector": ["lid"] * 3,
-                         "attack": ["square-linf/ordinary", "square-linf/uca", "pgd-linf/oca"],
-                         "n_pairs": [400, 400, 400],
-                         "accuracy": [ordinary, calibration, calibration]})
-
-
-def test_detection_decisions_reproduce_the_accuracy():
-    d = claims._decisions(0.9177, 486)
-    assert len(d) == 486 and d.mean() == pytest.approx(0.9177, abs=1e-3)
-
-
 def _matched(*rows: tuple[str, float, float, float, str]) -> pd.DataFrame:
     """Rows of table2_matched.csv: (detector, diff, lo, hi, outcome), accuracy metric."""
     return pd.DataFrame([{"detector": d, "metric": "accuracy", "matched_diff": diff,
@@ -287,10 +275,20 @@ def test_detection_claim_is_decided_at_matched_norm():
         claims.claim_detection(pd.DataFrame({"detector": ["x"]}))
 
 
-def test_detection_comparison_pools_the_unmatched_rates():
-    table = claims.detection_comparison(_detection(0.9, 0.6), n_resamples=N_RESAMPLES)
-    assert table["difference"].iloc[0] == pytest.approx(-0.3, abs=0.01)
-    assert (table["outcome"] == "lower").all()
+def test_detection_comparison_shows_what_the_rule_reads():
+    # The claims' table is the detection stage's paired comparison, accuracy rows only: the
+    # same numbers as table2_matched.csv, so the two reports cannot disagree.
+    table2 = pd.DataFrame([{c: 0.0 for c in claims.DETECTION_COLUMNS}
+                           | {"detector": d, "metric": m, "raw_diff": v, "raw_outcome": "lower",
+                              "matched_outcome": "within noise"}
+                           for d, v in (("spectral", -0.02), ("lid", -0.04))
+                           for m in ("accuracy", "concordance")])
+    table = claims.detection_comparison(table2)
+    assert list(table.columns) == list(claims.DETECTION_COLUMNS)
+    assert list(table["detector"]) == ["lid", "spectral"]
+    assert list(table["raw_diff"]) == [-0.04, -0.02]
+    with pytest.raises(ValueError, match="matched"):
+        claims.detection_comparison(table2.drop(columns="raw_diff_lo"))
 
 
 # --- claim 6: defences -------------------------------------------------------------------------

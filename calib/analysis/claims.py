@@ -590,50 +590,34 @@ def claim_uca_fewer_queries(queries: pd.DataFrame) -> dict[str, str]:
 
 # --- claim 4: detection ------------------------------------------------------------------------
 
-def _decisions(accuracy: float, n_pairs: int) -> np.ndarray:
-    """The 0/1 test decisions behind a detection accuracy: the detector is tested on the
-    clean and the adversarial image of half the pairs (:func:`calib.analysis.detection.
-    evaluate_scores`), ``2 * (n_pairs - n_pairs // 2)`` decisions."""
-    m = 2 * (n_pairs - n_pairs // 2)
-    right = round(accuracy * m)
-    return np.concatenate([np.ones(right), np.zeros(m - right)])
+#: Columns of :func:`detection_comparison`, as ``table2_matched.csv`` names them.
+DETECTION_COLUMNS: tuple[str, ...] = (
+    "detector", "n_calibration", "n_ordinary", "raw_calibration", "raw_ordinary", "raw_diff",
+    "raw_diff_lo", "raw_diff_hi", "raw_outcome", "l2_calibration_matched",
+    "l2_ordinary_matched", "matched_calibration", "matched_ordinary", "matched_diff",
+    "matched_diff_lo", "matched_diff_hi", "matched_outcome")
 
 
-def detection_comparison(detection: pd.DataFrame, *, n_resamples: int = N_RESAMPLES,
-                         seed: int = 0) -> pd.DataFrame:
-    """Detection accuracy on calibration against ordinary attacks, per detector.
+def detection_comparison(matched: pd.DataFrame) -> pd.DataFrame:
+    """Detection accuracy on calibration against ordinary attacks, per detector: the accuracy
+    rows of the detection stage's comparison (``table2_matched.csv``), the evidence
+    :func:`claim_detection` reads.
 
-    Each attack's accuracy is turned back into its test decisions; the decisions of all
-    calibration attacks and of all ordinary attacks are pooled and compared with an unpaired
-    bootstrap (the test halves differ between attacks). Decisions on the same image are
-    treated as independent, which makes the intervals somewhat narrow; the detectors' own
-    training variance is not included.
+    Both differences (calibration - ordinary) come from the detection stage's paired bootstrap
+    over images (an image carries all of its pairs; :func:`calib.analysis.detection.
+    norm_matched_comparison`): ``raw_*`` over every pair, unmatched, and ``matched_*`` on
+    strata of equal L2 norm. Nothing is recomputed here, so the claims and Table 2 cannot
+    disagree about the same difference.
 
     Returns:
-        One row per detector: ordinary_accuracy, calibration_accuracy and difference
-        (calibration - ordinary), each with its interval, outcome ("lower": calibration
-        attacks are detected less often), and the number of decisions behind each.
+        One row per detector with :data:`DETECTION_COLUMNS`.
+
+    Raises:
+        ValueError: a column of :data:`DETECTION_COLUMNS` (or ``metric``) missing.
     """
-    _check_columns(detection, ("detector", "attack", "n_pairs", "accuracy"), "detection")
-    det = detection.dropna(subset=["accuracy"])
-    det = det[det["n_pairs"] >= 2]
-    rows = []
-    for detector, g in det.groupby("detector", sort=True):
-        ordinary = g["attack"].str.endswith("ordinary")
-        pooled = {fam: np.concatenate([_decisions(a, int(n)) for a, n in
-                                       zip(part["accuracy"], part["n_pairs"], strict=True)])
-                  for fam, part in (("ordinary", g[ordinary]), ("calibration", g[~ordinary]))
-                  if len(part)}
-        if len(pooled) < 2:
-            continue
-        cmp = stats.unpaired_difference("accuracy", pooled["calibration"], pooled["ordinary"],
-                                        n_resamples=n_resamples, seed=seed)
-        rows.append({"detector": detector, **cmp.b.to_columns("ordinary_accuracy"),
-                     **cmp.a.to_columns("calibration_accuracy"),
-                     **cmp.difference.to_columns("difference"), "outcome": cmp.outcome,
-                     "ordinary_decisions": len(pooled["ordinary"]),
-                     "calibration_decisions": len(pooled["calibration"])})
-    return pd.DataFrame(rows)
+    _check_columns(matched, ("metric", *DETECTION_COLUMNS), "matched")
+    rows = matched[matched["metric"] == "accuracy"]
+    return rows[list(DETECTION_COLUMNS)].sort_values("detector").reset_index(drop=True)
 
 
 def claim_detection(matched: pd.DataFrame | None) -> dict[str, str]:
