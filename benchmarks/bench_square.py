@@ -67,6 +67,11 @@ EPS = 0.05
 P_INIT = 0.05
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 class CountingModel(nn.Module):
     """Wraps a model; counts images forwarded and the seconds spent in its forward."""
 
@@ -77,8 +82,10 @@ class CountingModel(nn.Module):
         self.seconds = 0.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _sync(x.device)  # on a GPU, charge the forward its own kernels, not queued ones
         start = time.perf_counter()
         out = self.net(x)
+        _sync(x.device)
         self.seconds += time.perf_counter() - start
         self.images += x.shape[0]
         return out
@@ -139,10 +146,13 @@ class Timing:
 
 
 def _timed(config: str, name: str, model: CountingModel, iterations: int, run,
-           precision: str, used: str, graph: str = "eager") -> Timing:
+           precision: str, used: str, graph: str = "eager",
+           device: torch.device | None = None) -> Timing:
     model.reset()
     start = time.perf_counter()
     run()
+    if device is not None:
+        _sync(device)
     seconds = time.perf_counter() - start
     return Timing(config, name, iterations, model.images, seconds, model.seconds,
                   precision=precision, precision_used=used, graph=graph)
@@ -164,7 +174,7 @@ def bench_config(config: str, net: nn.Module, images: torch.Tensor, iterations: 
     net = net.eval()
     with torch.no_grad():
         labels = net(images).argmax(1)
-    x = images.numpy().astype(np.float64)
+    x = images.cpu().numpy().astype(np.float64)
     runs: dict[tuple[str, str, str], tuple[CountingModel, str, object]] = {}
     candidates = [(p, "eager") for p in precisions]
     if "frozen" in graphs:
@@ -184,7 +194,8 @@ def bench_config(config: str, net: nn.Module, images: torch.Tensor, iterations: 
             p_init=P_INIT, uca_margin=0.0, batch_size=images.shape[0]))
         runs["torchattacks", requested, graph_name] = (
             model, chosen.used, functools.partial(attack, images, labels))
-        if (requested, graph_name) == ("fp32", "eager") and not skip_baseline:
+        if (requested, graph_name) == ("fp32", "eager") and not skip_baseline \
+                and images.device.type == "cpu":  # the paper's loop keeps numpy state
             # The released loop runs n_iters - 1 iterations.
             runs["paper_loop", requested, graph_name] = (model, "fp32", functools.partial(
                 calibration_attack_linf, model, x, EPS, iterations + 1, p_init=P_INIT,
@@ -192,7 +203,8 @@ def bench_config(config: str, net: nn.Module, images: torch.Tensor, iterations: 
     best: dict[tuple[str, str, str], Timing] = {}
     for _ in range(repeat):
         for key, (model, used, run) in runs.items():
-            t = _timed(config, key[0], model, iterations, run, key[1], used, key[2])
+            t = _timed(config, key[0], model, iterations, run, key[1], used, key[2],
+                       images.device)
             if key not in best or t.seconds < best[key].seconds:
                 best[key] = t
     return list(best.values())
@@ -254,9 +266,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--graphs", nargs="+", default=["eager"], choices=QUERY_GRAPHS,
                         help="query graphs of calib and torchattacks (eager is always "
                              "measured; frozen runs in fp32)")
+    parser.add_argument("--device", default="cpu",
+                        help="cpu, or cuda to time calib and torchattacks on a GPU (each forward "
+                             "synchronised; the paper's loop is CPU-only and skipped there)")
     parser.add_argument("--out", type=Path, help="write the timings as JSON here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
     precisions = tuple(dict.fromkeys(["fp32", *args.precisions]))
     graphs = tuple(dict.fromkeys(["eager", *args.graphs]))
 
@@ -269,12 +285,14 @@ def main(argv: list[str] | None = None) -> None:
             net, images = tiny_model(3, 0), torch.rand(args.n224, 3, 224, 224, generator=gen)
         else:
             net, images = resnet18_model(0), torch.rand(args.n, 1, 28, 28, generator=gen)
-        timings += bench_config(config, net, images, args.iterations, args.repeat,
-                                args.skip_baseline, precisions, graphs)
+        timings += bench_config(config, net.to(device), images.to(device), args.iterations,
+                                args.repeat, args.skip_baseline, precisions, graphs)
 
     header = (f"{'config':9s} {'implementation':13s} {'precision':12s} {'ms/iter':>9s} "
               f"{'queries/s':>10s} {'outside fwd':>11s} {'us/query outside':>17s}")
-    print(f"threads={args.threads} iterations={args.iterations} repeat={args.repeat} "
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"device={where} threads={args.threads} iterations={args.iterations} "
+          f"repeat={args.repeat} "
           f"n={args.n} n224={args.n224} precisions={','.join(precisions)} "
           f"graphs={','.join(graphs)} "
           f"torch={torch.__version__}")

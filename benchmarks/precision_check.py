@@ -62,8 +62,9 @@ def load_attack_split(name: str, n: int | None = None, data_root: Path = ROOT / 
 
 
 def check_model(name: str, grid: AttackGrid, *, precision: str, n: int | None, seed: int,
-                query_graph: str = "eager") -> dict:
+                query_graph: str = "eager", device: str = "cpu") -> dict:
     model, images, labels = load_attack_split(name, n)
+    model, images = model.to(device), images.to(device)
     check = compare_precisions(model, images, labels, grid, precision=precision, seed=seed,
                                query_graph=query_graph, show_progress=True)
     return report(name, len(labels), check.candidate, check)
@@ -99,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="first N images of the attack split (default: all of it)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu",
+                        help="cpu, or cuda (e.g. to check tf32 on an Ampere-or-newer GPU)")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -109,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("fp32 with an eager graph is the reference itself; check bf16, tf32 or "
                      "--query-graph frozen")
     results = [check_model(name, grid, precision=precision, n=args.n, seed=args.seed,
-                           query_graph=args.query_graph) for name in args.models]
+                           query_graph=args.query_graph, device=args.device)
+               for name in args.models]
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))
     return 0 if all(r["passed"] for r in results) else 1
