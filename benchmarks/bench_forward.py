@@ -36,7 +36,6 @@ the eager model) an fp32 Square can answer queries on this machine.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import time
@@ -244,8 +243,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     for line in ceilings(rows):
         print(line)
     if args.out:
-        with contextlib.suppress(FileNotFoundError):
-            args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps([asdict(r) for r in rows], indent=1) + "\n")
     return rows
 

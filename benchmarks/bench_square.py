@@ -146,13 +146,11 @@ class Timing:
 
 
 def _timed(config: str, name: str, model: CountingModel, iterations: int, run,
-           precision: str, used: str, graph: str = "eager",
-           device: torch.device | None = None) -> Timing:
+           precision: str, used: str, graph: str, device: torch.device) -> Timing:
     model.reset()
     start = time.perf_counter()
     run()
-    if device is not None:
-        _sync(device)
+    _sync(device)
     seconds = time.perf_counter() - start
     return Timing(config, name, iterations, model.images, seconds, model.seconds,
                   precision=precision, precision_used=used, graph=graph)

@@ -44,11 +44,13 @@ CHECKED_METRICS: tuple[str, ...] = ("success_rate", "accuracy_after", "confidenc
 
 
 def clean_agreement(model: nn.Module, images: torch.Tensor, precision: Precision, *,
-                    batch_size: int = 256) -> float:
-    """Fraction of ``images`` (N, C, H, W) whose argmax is the same in fp32 and ``precision``."""
+                    queried: nn.Module | None = None, batch_size: int = 256) -> float:
+    """Fraction of ``images`` (N, C, H, W) whose argmax is the same on ``model`` in fp32 and
+    on what the attacks query: ``queried`` (e.g. a frozen graph) or, with None, ``model`` in
+    ``precision``."""
     reference = predict_logits(model, images, batch_size=batch_size).argmax(1)
-    reduced = predict_logits(with_precision(model, precision), images,
-                             batch_size=batch_size).argmax(1)
+    queried = with_precision(model, precision) if queried is None else queried
+    reduced = predict_logits(queried, images, batch_size=batch_size).argmax(1)
     return float((reference == reduced).double().mean())
 
 
@@ -159,12 +161,8 @@ def compare_precisions(model: nn.Module, images: torch.Tensor, labels: torch.Ten
     if graph.requested == "frozen" and chosen.used != "fp32":
         raise ValueError(f"query_graph 'frozen' runs in fp32; precision {precision!r} resolved "
                          f"to {chosen.used!r}")
-    if graph.used == "frozen":
-        reference_labels = predict_logits(model, images, batch_size=batch_size).argmax(1)
-        frozen_labels = predict_logits(queries, images, batch_size=batch_size).argmax(1)
-        agreement = float((reference_labels == frozen_labels).double().mean())
-    else:
-        agreement = clean_agreement(model, images, chosen, batch_size=batch_size)
+    agreement = clean_agreement(model, images, chosen, batch_size=batch_size,
+                                queried=queries if graph.used == "frozen" else None)
     reference = run_grid(model, images, labels, replace(grid, precision="fp32"), seed=seed,
                          batch_size=batch_size, show_progress=show_progress)
     with (reduced_context or contextlib.nullcontext)():
