@@ -18,6 +18,11 @@ Usage::
         [--precision bf16] [--n 500] [--out precision_check.json]
     PYTHONPATH=. .venv/bin/python benchmarks/precision_check.py --models resnet \
         --query-graph frozen
+
+A model runs the settings its attack stage runs (``models.<name>.attack_settings`` where set).
+``--settings``, ``--kinds``, ``--eps`` and ``--square-iterations`` replace the grid's own, to
+check the other grids that query a model (an eps sweep point, a Fig. 2 budget, the seed copies'
+headline attack); a name may be a folder under ``models/`` (``resnet_seeds/seed_1``).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -61,13 +67,26 @@ def load_attack_split(name: str, n: int | None = None, data_root: Path = ROOT / 
     return models.load_trained(ROOT / paths.model_dir(name)), images, labels
 
 
+def grid_for_model(name: str, params: dict, **overrides: object) -> AttackGrid:
+    """The grid the attack stage runs on model ``name`` (its ``attack_settings`` where set),
+    with ``overrides`` (AttackGrid fields; None values ignored) applied."""
+    grid = grid_from_params(params["attack"])
+    own = params["models"].get(name, {}).get("attack_settings")
+    changes = {"settings": own} if own else {}
+    changes.update({key: value for key, value in overrides.items() if value is not None})
+    return replace(grid, **changes)
+
+
 def check_model(name: str, grid: AttackGrid, *, precision: str, n: int | None, seed: int,
                 query_graph: str = "eager", device: str = "cpu") -> dict:
     model, images, labels = load_attack_split(name, n)
     model, images = model.to(device), images.to(device)
     check = compare_precisions(model, images, labels, grid, precision=precision, seed=seed,
                                query_graph=query_graph, show_progress=True)
-    return report(name, len(labels), check.candidate, check)
+    print(f"\n{name}: {', '.join(grid.settings)} x {', '.join(grid.kinds)}, eps "
+          f"{grid.eps_linf} (L-inf) / {grid.eps_l2} (L2), {grid.square_iterations} Square "
+          f"queries, {grid.pgd_iterations} PGD steps")
+    return {**report(name, len(labels), check.candidate, check), "grid": grid.config()}
 
 
 def report(name: str, n: int, precision: str, check: PrecisionCheck) -> dict:
@@ -99,6 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=None,
                         help="first N images of the attack split (default: all of it)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--settings", default=None, help="replace the grid's settings")
+    parser.add_argument("--kinds", default=None, help="replace the grid's kinds")
+    parser.add_argument("--eps", type=float, default=None, help="replace the L-inf radius")
+    parser.add_argument("--square-iterations", type=int, default=None,
+                        help="replace Square's query budget")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu",
                         help="cpu, or cuda (e.g. to check tf32 on an Ampere-or-newer GPU)")
@@ -106,12 +130,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    grid = grid_from_params(params["attack"])
     precision = args.precision or ("fp32" if args.query_graph == "frozen" else "bf16")
     if precision == "fp32" and args.query_graph == "eager":
         parser.error("fp32 with an eager graph is the reference itself; check bf16, tf32 or "
                      "--query-graph frozen")
-    results = [check_model(name, grid, precision=precision, n=args.n, seed=args.seed,
+    overrides = {"settings": args.settings, "kinds": args.kinds, "eps_linf": args.eps,
+                 "square_iterations": args.square_iterations}
+    results = [check_model(name, grid_for_model(name, params, **overrides), precision=precision,
+                           n=args.n, seed=args.seed,
                            query_graph=args.query_graph, device=args.device)
                for name in args.models]
     if args.out:

@@ -336,6 +336,11 @@ class Attack(_Section):
     precision: Literal["fp32", "bf16", "tf32"] = "fp32"
     """What attack queries run in (fp32, bf16 autocast, TF32 on GPUs; falls back to fp32 where
     not native). Reported outcomes are re-read in fp32; see benchmarks/precision_check.py."""
+    query_graph: Literal["eager", "frozen"] = "eager"
+    """What Square's black-box queries run on in the attack, sweep, budget and seeds stages:
+    the model itself, or a frozen fp32 TorchScript graph of it (CPU, BatchNorm models; others
+    stay eager and say so). Needs precision fp32; see benchmarks/precision_check.py
+    --query-graph frozen. Outcomes are re-read on the eager model."""
 
 
 class FineTuneOverride(_Section):
@@ -695,6 +700,10 @@ class Params(_Section):
                 errors.append((loc, setting, f"{setting!r} is not attacked; choose one of "
                                              f"attack.settings {attacked}"))
         errors += self._restricted_attacks(attacked)
+        if self.attack.query_graph == "frozen" and self.attack.precision != "fp32":
+            errors.append((("attack", "query_graph"), "frozen", "a frozen query graph runs in "
+                           f"fp32; attack.precision is {self.attack.precision!r} (set "
+                           "attack.precision to fp32 or attack.query_graph to eager)"))
         size = self.data.attack_size
         for section, n_images in (("defend", self.defend.n_images),
                                   ("sweep", self.sweep.n_images)):

@@ -102,8 +102,9 @@ def freeze_for_queries(model: nn.Module, query_graph: str = "frozen"
 
     Returns:
         (module, resolved): ``model`` itself with ``resolved.used == "eager"`` when asked for
-        eager, on CUDA, for a model without BatchNorm (nothing to fold: not faster) or when
-        TorchScript cannot compile it; else the frozen graph.
+        eager, on CUDA, for a model without BatchNorm (nothing to fold: not faster; the only
+        fallback without a warning, since it is what a ViT should get) or when TorchScript
+        cannot compile it; else the frozen graph.
 
     Raises:
         ValueError: ``query_graph`` not one of :data:`QUERY_GRAPHS`.
@@ -118,8 +119,10 @@ def freeze_for_queries(model: nn.Module, query_graph: str = "frozen"
     elif any(p.dtype != torch.float32 for p in parameters):
         reason = "a frozen query graph needs fp32 weights; eager queries"
     elif not _has_batchnorm(model):
-        reason = ("no BatchNorm to fold into a convolution: a frozen graph is not faster "
-                  "(benchmarks/bench_forward.py); eager queries")
+        # Expected for ViTs, not a failure: recorded, not warned about.
+        return model, QueryGraph("frozen", "eager", (
+            "no BatchNorm to fold into a convolution: a frozen graph is not faster "
+            "(benchmarks/bench_forward.py); eager queries"))
     else:
         try:
             with warnings.catch_warnings(), torch.no_grad():

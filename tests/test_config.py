@@ -49,7 +49,7 @@ MISSPELT = [
     (("attack", "square_iteration"), 100,
      "attack.square_iteration: unknown key; did you mean 'square_iterations'? allowed in attack: "
      "settings, kinds, eps, eps_l2, square_iterations, square_p_init, pgd_iterations, "
-     "pgd_alpha, precision"),
+     "pgd_alpha, precision, query_graph"),
     (("atack",), {"eps": 0.1},
      "atack: unknown key; did you mean 'attack'? allowed at the top level: profile, seed, "
      "device, data, models, train, attack, defend, sweep, analysis"),
@@ -279,6 +279,18 @@ NAMES = "['resnet', 'vit', 'resnet_small', 'vit_small', 'resnet_lt']"
 ])
 def test_cross_section_rules_name_the_key(params, path, value, message):
     assert _errors(_set(params, path, value)) == [message]
+
+
+def test_a_frozen_query_graph_needs_fp32_queries(params):
+    params["attack"]["precision"] = "bf16"
+    params["attack"]["query_graph"] = "frozen"
+    assert _errors(params) == [
+        "attack.query_graph: a frozen query graph runs in fp32; attack.precision is 'bf16' (set "
+        "attack.precision to fp32 or attack.query_graph to eager)"]
+    params["attack"]["query_graph"] = "eager"
+    check_params(params)  # bf16 with eager queries is allowed
+    params["attack"]["query_graph"] = "compiled"
+    assert "attack.query_graph" in _errors(params)[0]
 
 
 def test_settings_analysed_must_be_attacked(params):

@@ -82,11 +82,13 @@ def test_grid_normalises_names_and_picks_the_budget_per_method_and_norm():
     config = GRID.config()
     assert config["settings"] == ["square-linf", "square-l2", "pgd-linf"]
     assert set(config) == {"settings", "kinds", "eps_linf", "eps_l2", "square_iterations",
-                           "square_p_init", "pgd_iterations", "pgd_alpha", "precision"}
+                           "square_p_init", "pgd_iterations", "pgd_alpha", "precision",
+                           "query_graph"}
 
 
 @pytest.mark.parametrize("field,value", [
     ("settings", ("square-l1",)), ("settings", ""), ("kinds", "uca,xyz"), ("precision", "fp16"),
+    ("query_graph", "compiled"),
     ("eps_linf", 0.0), ("eps_linf", 1.5), ("eps_l2", -1.0), ("square_iterations", 0),
     ("pgd_iterations", 1.5), ("square_p_init", 0.0), ("square_p_init", True),
     ("pgd_alpha", 0.0), ("pgd_alpha", True),

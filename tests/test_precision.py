@@ -235,6 +235,20 @@ def test_the_verdict_can_fail(agreement, inside, passed):
         assert "confidence_after" in check.verdict()
 
 
+def test_the_reference_estimate_is_always_inside_its_stretched_interval():
+    from calib.analysis.precision import moved_inside
+
+    # ECE's percentile interval above its own estimate (upward resampling bias, measured on the
+    # default ResNet-18 at eps 0.02): a candidate equal to fp32 passes, one further away fails.
+    assert moved_inside(0.0639, 0.0639, 0.0667, 0.1443)
+    assert moved_inside(0.0639 - 2.4e-6, 0.0639, 0.0667, 0.1443)  # float32 rounding
+    assert moved_inside(0.0650, 0.0639, 0.0667, 0.1443)
+    assert not moved_inside(0.0600, 0.0639, 0.0667, 0.1443)
+    assert not moved_inside(0.1500, 0.0639, 0.0667, 0.1443)
+    # An estimate inside its interval: exactly the interval.
+    assert moved_inside(0.40, 0.5, 0.4, 0.6) and not moved_inside(0.39, 0.5, 0.4, 0.6)
+
+
 def test_a_fallback_is_not_called_a_pass(no_native_bf16):
     with pytest.warns(UserWarning):
         chosen = resolve_precision("bf16", "cpu")

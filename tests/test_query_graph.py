@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -84,7 +86,8 @@ def test_eager_and_fallbacks_return_the_model_and_say_why():
     same, graph = freeze_for_queries(model, "eager")
     assert same is model and graph.used == "eager" and not graph.fell_back
     plain = conv_without_batchnorm()
-    with pytest.warns(UserWarning, match="no BatchNorm"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a ViT's expected fallback is recorded, not warned
         same, graph = freeze_for_queries(plain)
     assert same is plain and graph.fell_back and "BatchNorm" in graph.reason
     half = conv_with_batchnorm().double()
@@ -161,7 +164,60 @@ def test_the_check_refuses_a_frozen_graph_in_reduced_precision(monkeypatch):
 
 def test_a_check_whose_graph_fell_back_is_not_called_a_pass():
     images, labels = labelled_images(8, seed=4)
-    with pytest.warns(UserWarning):
-        check = compare_precisions(conv_without_batchnorm(), images, labels, GRID,
-                                   precision="fp32", query_graph="frozen")
+    check = compare_precisions(conv_without_batchnorm(), images, labels, GRID,
+                               precision="fp32", query_graph="frozen")
     assert check.verdict().startswith("not checked") and check.candidate == "fp32"
+    assert "BatchNorm" in check.verdict()
+
+
+# --- the attack grid's query_graph (what the pipeline's stages set) ---------------------------
+
+def test_the_grid_refuses_an_unknown_graph_and_a_frozen_graph_in_reduced_precision():
+    with pytest.raises(ValueError, match="query_graph"):
+        AttackGrid(query_graph="compiled")
+    with pytest.raises(ValueError, match="fp32"):
+        AttackGrid(query_graph="frozen", precision="bf16")
+    assert AttackGrid().query_graph == "eager"
+    assert AttackGrid(query_graph="frozen").config()["query_graph"] == "frozen"
+
+
+def test_run_grid_queries_the_frozen_graph_in_square_only_and_reports_eager_outcomes():
+    from dataclasses import replace
+
+    from calib.attacks.grid import run_grid
+
+    model = conv_with_batchnorm(2)
+    images, labels = labelled_images(16, seed=5)
+    eager = run_grid(model, images, labels, GRID, seed=1)
+    frozen = run_grid(model, images, labels, replace(GRID, query_graph="frozen"), seed=1)
+    assert eager.query_graph.used == "eager" and not eager.query_graph.fell_back
+    assert frozen.query_graph.used == "frozen"
+    assert frozen.queries_info()["query_graph"] == "frozen"
+    assert frozen.queries_info()["precision"] == "fp32"
+    for kind in GRID.kinds:
+        # PGD differentiates through the model in both runs: bit-identical outcomes.
+        assert torch.equal(frozen.results["pgd-linf", kind].x_adv,
+                           eager.results["pgd-linf", kind].x_adv)
+        # Square's outcome is what the eager model says of the final images.
+        square = frozen.results["square-linf", kind]
+        probs = predict_logits(model, square.x_adv, batch_size=64).softmax(1)
+        assert torch.allclose(square.final_confidence, probs.max(1).values, atol=1e-6)
+        assert not bool((square.success & (square.final_prediction
+                                           != square.clean_prediction)).any())
+
+
+def test_run_grid_on_a_model_without_batchnorm_stays_eager_and_says_why():
+    from dataclasses import replace
+
+    from calib.attacks.grid import run_grid
+
+    model = conv_without_batchnorm()
+    images, labels = labelled_images(10, seed=6)
+    eager = run_grid(model, images, labels, GRID, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        asked = run_grid(model, images, labels, replace(GRID, query_graph="frozen"), seed=0)
+    assert asked.query_graph.fell_back and "BatchNorm" in asked.queries_info()[
+        "query_graph_reason"]
+    for key, result in eager.results.items():
+        assert torch.equal(result.x_adv, asked.results[key].x_adv)

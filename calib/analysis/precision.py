@@ -9,6 +9,11 @@ of the model (:mod:`calib.query_graph`), only after this check has passed on its
 2. every Table 1 number of the grid run with reduced-precision queries (success rate,
    accuracy, confidence, ECE and KS after the attack; all re-read in fp32) lies inside the 95%
    bootstrap interval of the same number from the fp32 run, on the same images and seed.
+   Where a percentile interval leaves out its own estimate (ECE and KS are biased upward
+   under resampling, so at small values the whole interval can sit above the estimate), the
+   interval is stretched to reach the estimate, and a difference under
+   :data:`ROUNDING` is float32 rounding, not a move: a candidate that reproduces fp32 always
+   passes, and no move away from it passes that the interval alone would refuse.
 
 ``benchmarks/precision_check.py`` runs it on the trained pipeline models and prints the table;
 its numbers are recorded in ``benchmarks/README.md``.
@@ -30,13 +35,19 @@ import pandas as pd
 import torch
 from torch import nn
 
-from calib.attacks.base import reevaluate
-from calib.attacks.grid import AttackGrid, GridRun, run_grid, split_setting
+from calib.attacks.grid import AttackGrid, GridRun, run_grid
 from calib.precision import Precision, resolve_precision, with_precision
 from calib.query_graph import QueryGraph, freeze_for_queries
 from calib.runtime import predict_logits
 
-__all__ = ["CHECKED_METRICS", "PrecisionCheck", "clean_agreement", "compare_precisions"]
+__all__ = [
+    "CHECKED_METRICS",
+    "ROUNDING",
+    "PrecisionCheck",
+    "clean_agreement",
+    "compare_precisions",
+    "moved_inside",
+]
 
 #: Table 1 numbers that must stay inside fp32's 95% interval.
 CHECKED_METRICS: tuple[str, ...] = ("success_rate", "accuracy_after", "confidence_after",
@@ -107,29 +118,20 @@ class PrecisionCheck:
         return f"FAILED ({head}; outside: {', '.join(outside) or 'none'})"
 
 
+#: Differences below this are float32 rounding of re-read confidences, not moves (a frozen
+#: graph's logits differ from eager ones by up to 4e-6; Table 1 prints 3 decimals).
+ROUNDING = 1e-5
+
+
+def moved_inside(value: float, estimate: float, lo: float, hi: float) -> bool:
+    """Whether ``value`` stays inside the reference's 95% interval ``[lo, hi]``, stretched to
+    reach the reference's own ``estimate`` where the percentile interval leaves it out (ECE's
+    upward resampling bias), give or take :data:`ROUNDING`."""
+    return min(lo, estimate) - ROUNDING <= value <= max(hi, estimate) + ROUNDING
+
+
 def _summaries(run: GridRun) -> dict[tuple[str, str], dict]:
     return {(s["setting"], s["kind"]): s for s in run.summaries()}
-
-
-def _frozen_grid(model: nn.Module, queries: nn.Module, images: torch.Tensor,
-                 labels: torch.Tensor, grid: AttackGrid, *, seed: int, batch_size: int,
-                 show_progress: bool) -> GridRun:
-    """``grid`` with its black-box settings querying the frozen graph ``queries`` and its
-    white-box ones differentiating through ``model``; every outcome re-read on ``model``."""
-    black = tuple(s for s in grid.settings if split_setting(s)[0] == "square")
-    white = tuple(s for s in grid.settings if s not in black)
-    results, seconds = {}, 0.0
-    for settings, attacked in ((black, queries), (white, model)):
-        if not settings:
-            continue
-        run = run_grid(attacked, images, labels, replace(grid, settings=settings), seed=seed,
-                       batch_size=batch_size, show_progress=show_progress)
-        # run_grid re-read the outcomes on what it was given; report what eager fp32 says.
-        results.update({key: reevaluate(result, model, batch_size=batch_size)
-                        for key, result in run.results.items()})
-        seconds += run.seconds
-    ordered = {(s, k): results[s, k] for s in grid.settings for k in grid.kinds}
-    return GridRun(grid, ordered, run.labels, seconds, run.precision)
 
 
 def compare_precisions(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
@@ -163,16 +165,17 @@ def compare_precisions(model: nn.Module, images: torch.Tensor, labels: torch.Ten
                          f"to {chosen.used!r}")
     agreement = clean_agreement(model, images, chosen, batch_size=batch_size,
                                 queried=queries if graph.used == "frozen" else None)
-    reference = run_grid(model, images, labels, replace(grid, precision="fp32"), seed=seed,
+    reference = run_grid(model, images, labels,
+                         replace(grid, precision="fp32", query_graph="eager"), seed=seed,
                          batch_size=batch_size, show_progress=show_progress)
+    # The candidate: the frozen graph's Square queries (PGD differentiates through the model
+    # in both runs), or every query in the reduced precision. run_grid re-reads every outcome
+    # on the eager fp32 model either way.
+    candidate = (replace(grid, precision="fp32", query_graph="frozen") if graph.used == "frozen"
+                 else replace(grid, precision=chosen.used, query_graph="eager"))
     with (reduced_context or contextlib.nullcontext)():
-        if graph.used == "frozen":
-            reduced = _frozen_grid(model, queries, images, labels,
-                                   replace(grid, precision="fp32"), seed=seed,
-                                   batch_size=batch_size, show_progress=show_progress)
-        else:
-            reduced = run_grid(model, images, labels, replace(grid, precision=chosen.used),
-                               seed=seed, batch_size=batch_size, show_progress=show_progress)
+        reduced = run_grid(model, images, labels, candidate, seed=seed, batch_size=batch_size,
+                           show_progress=show_progress)
     ref, red = _summaries(reference), _summaries(reduced)
     rows = []
     for (setting, kind), s in ref.items():
@@ -181,7 +184,8 @@ def compare_precisions(model: nn.Module, images: torch.Tensor, labels: torch.Ten
             rows.append({"setting": setting, "kind": kind, "metric": metric,
                          "fp32": s[metric], "fp32_lo": lo, "fp32_hi": hi,
                          "reduced": value,
-                         "difference": value - s[metric], "inside": lo <= value <= hi})
+                         "difference": value - s[metric],
+                         "inside": moved_inside(value, s[metric], lo, hi)})
     check = PrecisionCheck(chosen, agreement, rows, {"fp32": reference.seconds}, graph)
     check.seconds[check.candidate] = (reduced.seconds if check.candidate != "fp32"
                                       else reference.seconds)

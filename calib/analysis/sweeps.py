@@ -45,6 +45,7 @@ from calib.attacks import KINDS
 from calib.attacks.grid import SETTINGS, AttackGrid, parse_names, run_grid
 from calib.checks import check_choice, check_eps, check_int, check_number
 from calib.io import read_json
+from calib.query_graph import QUERY_GRAPHS
 from calib.reporting import KIND_ORDER
 from calib.stats import Comparison, paired_difference
 
@@ -207,6 +208,7 @@ class SweepBudget:
             the paper's 5/255 at eps 0.05 is 0.39), so every eps gets the same number of
             steps across its ball.
         precision: what the attacks' queries run in (:data:`calib.precision.PRECISIONS`).
+        query_graph: what Square's queries run on (:class:`calib.attacks.grid.AttackGrid`).
     """
 
     square_iterations: int = 500
@@ -214,8 +216,10 @@ class SweepBudget:
     pgd_iterations: int = 20
     pgd_alpha_fraction: float = 0.4
     precision: str = "fp32"
+    query_graph: str = "eager"
 
     def __post_init__(self) -> None:
+        check_choice("query_graph", self.query_graph, QUERY_GRAPHS)
         check_int("square_iterations", self.square_iterations, minimum=1)
         check_int("pgd_iterations", self.pgd_iterations, minimum=1)
         check_number("square_p_init", self.square_p_init, low=0.0, high=1.0, low_open=True)
@@ -232,7 +236,7 @@ class SweepBudget:
                           square_p_init=self.square_p_init,
                           pgd_iterations=self.pgd_iterations,
                           pgd_alpha=self.pgd_alpha_fraction * eps,
-                          precision=self.precision)
+                          precision=self.precision, query_graph=self.query_graph)
 
 
 def run_sweep_point(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *,

@@ -40,6 +40,7 @@ from calib.checks import (
 )
 from calib.io import load_tensors, save_tensors, write_text
 from calib.precision import PRECISIONS, Precision, resolve_precision, with_precision
+from calib.query_graph import QUERY_GRAPHS, QueryGraph, freeze_for_queries
 
 __all__ = [
     "ADVERSARIAL_FILE",
@@ -116,6 +117,10 @@ class AttackGrid:
         pgd_alpha: PGD step size (None: the attack's default for its eps).
         precision: what the attacks' forward passes run in (:data:`calib.precision.PRECISIONS`;
             falls back to fp32 where not native). Reported outcomes are re-read in fp32.
+        query_graph: what the black-box (Square) queries run on (:data:`calib.query_graph.
+            QUERY_GRAPHS`): the model itself ("eager") or a frozen fp32 TorchScript graph of it
+            ("frozen": a CPU option, BatchNorm models; others fall back to eager and say so).
+            White-box PGD always differentiates through the model. fp32 only.
     """
 
     settings: tuple[str, ...] = ("square-linf", "pgd-linf")
@@ -127,6 +132,7 @@ class AttackGrid:
     pgd_iterations: int = 100
     pgd_alpha: float | None = None
     precision: str = "fp32"
+    query_graph: str = "eager"
 
     def __post_init__(self) -> None:
         # Frozen: normalise the name lists through object.__setattr__ once, here.
@@ -141,6 +147,10 @@ class AttackGrid:
         if self.pgd_alpha is not None:
             check_number("pgd_alpha", self.pgd_alpha, low=0.0, low_open=True)
         check_choice("precision", self.precision, PRECISIONS)
+        check_choice("query_graph", self.query_graph, QUERY_GRAPHS)
+        if self.query_graph == "frozen" and self.precision != "fp32":
+            raise ValueError(f"query_graph 'frozen' runs in fp32; got precision "
+                             f"{self.precision!r} (use one or the other)")
 
     def eps(self, norm: str) -> float:
         """The radius of the ``norm`` ball ("linf" or "l2")."""
@@ -172,6 +182,7 @@ class GridRun:
         labels: (N,) int64 true labels of the attacked images, on the CPU.
         seconds: wall time of all the attacks.
         precision: what the attacks' queries ran in (after any fallback).
+        query_graph: what the black-box queries ran on (after any fallback).
     """
 
     grid: AttackGrid
@@ -179,6 +190,17 @@ class GridRun:
     labels: torch.Tensor
     seconds: float
     precision: Precision | None = None
+    query_graph: QueryGraph | None = None
+
+    def queries_info(self) -> dict[str, str]:
+        """JSON-ready record of what the queries ran in and on, with the reasons."""
+        info: dict[str, str] = {}
+        if self.precision is not None:
+            info.update(precision=self.precision.used, precision_reason=self.precision.reason)
+        if self.query_graph is not None:
+            info.update(query_graph=self.query_graph.used,
+                        query_graph_reason=self.query_graph.reason)
+        return info
 
     def summaries(self, **columns: Any) -> list[dict[str, Any]]:
         """One flat dict per run: ``columns``, ``setting`` and :meth:`AttackResult.summary`."""
@@ -249,9 +271,10 @@ def run_grid(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, grid:
             square-linf, 4 kinds: 44.5 s against 55.3 s at 256; the ViT unchanged).
         show_progress: a tqdm bar per run.
 
-    The attacks query ``model`` in ``grid.precision`` (see :mod:`calib.precision`); what is
-    reported (predictions, confidences, success, labels kept) comes from a fresh fp32 forward
-    pass of ``model`` itself, so a reduced precision can cost success but never misreport it.
+    The attacks query ``model`` in ``grid.precision`` (see :mod:`calib.precision`), Square's
+    black-box queries on ``grid.query_graph`` (see :mod:`calib.query_graph`: a frozen graph is
+    built once per grid); what is reported (predictions, confidences, success, labels kept)
+    comes from a fresh fp32 forward pass of ``model`` itself, so neither can misreport success.
 
     Raises:
         ValueError: bad images or labels, before any attack runs.
@@ -260,17 +283,24 @@ def run_grid(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, grid:
     labels = check_labels(labels, images.shape[0]).detach().cpu().long()
     precision = resolve_precision(grid.precision, images.device)
     attacked = with_precision(model, precision)
-    start = time.perf_counter()
+    start = time.perf_counter()  # freezing counts: it is part of what the grid costs
+    black_box = any(split_setting(s)[0] == "square" for s in grid.settings)
+    if black_box:
+        square_queries, graph = freeze_for_queries(attacked, grid.query_graph)
+    else:
+        square_queries, graph = attacked, QueryGraph(grid.query_graph, "eager",
+                                                     "no black-box setting in the grid")
     results: dict[tuple[str, str], AttackResult] = {}
     for setting in grid.settings:
         arguments = grid.arguments(setting)
+        queried = square_queries if arguments["method"] == "square" else attacked
         for kind in grid.kinds:
-            result = run_attack(attacked, images, kind=kind, labels=labels, seed=seed,
+            result = run_attack(queried, images, kind=kind, labels=labels, seed=seed,
                                 batch_size=batch_size, show_progress=show_progress,
                                 **arguments)
-            # Labels kept, confidences and success as a fresh fp32 forward pass sees them.
+            # Labels kept, confidences and success as a fresh fp32 eager pass sees them.
             results[setting, kind] = reevaluate(result, model, batch_size=batch_size)
-    return GridRun(grid, results, labels, time.perf_counter() - start, precision)
+    return GridRun(grid, results, labels, time.perf_counter() - start, precision, graph)
 
 
 def write_records(folder: str | Path, run: GridRun, index: torch.Tensor, *,
