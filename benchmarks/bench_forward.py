@@ -4,7 +4,7 @@ Square Attack on the default profile's ResNet-18 spends about 99% of its time in
 forward (``bench_square.py``), so the attack can only answer queries faster than
 ``torchattacks.Square`` if the *forward* gets faster. bf16 autocast doubles it but fails the
 precision check (``precision_check.py``). This script measures what is left in fp32, the
-precision the pipeline uses: the same trained or random model run six ways, each on the same
+precision the pipeline uses: the same trained or random model run seven ways, each on the same
 images, in images per second, with its largest logit difference from eager fp32 and the share
 of images whose predicted label differs.
 
@@ -15,6 +15,9 @@ of images whose predicted label differs.
   (blocked-layout) tensors from the first convolution to the logits (``torch.utils.mkldnn``);
 - ``torchscript_frozen``: ``torch.jit.optimize_for_inference(torch.jit.script(model))``
   (folded, oneDNN convolutions, frozen weights; TorchScript is deprecated in PyTorch 2.x);
+- ``query_graph``: what the pipeline's Square queries run, ``calib.query_graph.freeze_for_queries``
+  for the images' shape: the frozen graph with every convolution on a map of at most 4 pixels
+  turned into one dense matrix product;
 - ``compile_frozen``: ``torch.compile`` (inductor) with ``freezing`` on (compile time printed);
 - ``bf16_autocast``: for reference only, not a validated precision here.
 
@@ -49,12 +52,14 @@ from torch import nn
 
 from calib.constants import FASHION_MNIST_MEAN, FASHION_MNIST_STD
 from calib.models import create_model, load_trained
+from calib.query_graph import freeze_for_queries
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
 #: The variants in the order they are timed (the reference first).
 VARIANTS: tuple[str, ...] = ("eager", "channels_last", "bn_folded", "onednn",
-                             "torchscript_frozen", "compile_frozen", "bf16_autocast")
+                             "torchscript_frozen", "query_graph", "compile_frozen",
+                             "bf16_autocast")
 #: Variants that compute in fp32 (the candidates for the pipeline's queries).
 FP32_VARIANTS: tuple[str, ...] = VARIANTS[:-1]
 
@@ -113,6 +118,9 @@ def build_variant(name: str, model: nn.Module, example: torch.Tensor) -> tuple[F
             warnings.simplefilter("ignore", FutureWarning)
             frozen = torch.jit.optimize_for_inference(torch.jit.script(model))
         return frozen, "TorchScript: deprecated"
+    if name == "query_graph":
+        queries, graph = freeze_for_queries(model, "frozen", input_shape=example.shape[1:])
+        return queries, graph.reason if graph.fell_back else ""
     if name == "compile_frozen":
         import torch._inductor.config as inductor_config
 

@@ -176,7 +176,7 @@ def bench_config(config: str, net: nn.Module, images: torch.Tensor, iterations: 
     runs: dict[tuple[str, str, str], tuple[CountingModel, str, object]] = {}
     candidates = [(p, "eager") for p in precisions]
     if "frozen" in graphs:
-        frozen, graph = freeze_for_queries(net, "frozen")
+        frozen, graph = freeze_for_queries(net, "frozen", input_shape=images.shape[1:])
         if graph.used == "frozen":
             candidates.append(("fp32", "frozen"))
         else:

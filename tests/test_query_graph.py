@@ -16,8 +16,16 @@ from calib.analysis.precision import CHECKED_METRICS, compare_precisions
 from calib.attacks import run_attack
 from calib.attacks.base import reevaluate
 from calib.attacks.grid import AttackGrid
-from calib.models import Normalize
-from calib.query_graph import QUERY_GRAPHS, FrozenQueries, freeze_for_queries
+from calib.constants import FASHION_MNIST_MEAN, FASHION_MNIST_STD
+from calib.models import Normalize, create_model
+from calib.query_graph import (
+    DENSE_MAX_PIXELS,
+    QUERY_GRAPHS,
+    DenseConv2d,
+    FrozenQueries,
+    dense_small_maps,
+    freeze_for_queries,
+)
 from calib.runtime import predict_logits
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -109,6 +117,81 @@ def test_a_model_torchscript_cannot_compile_falls_back():
     with pytest.warns(UserWarning, match="TorchScript could not freeze"):
         same, graph = freeze_for_queries(model)
     assert same is model and graph.fell_back
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10_000), size=st.sampled_from([(1, 1), (2, 2), (1, 3), (3, 2)]),
+       kernel=st.sampled_from([1, 3]), stride=st.sampled_from([1, 2]),
+       padding=st.sampled_from([0, 1]), groups=st.sampled_from([1, 2]),
+       bias=st.booleans())
+def test_a_dense_convolution_is_the_same_linear_map(seed, size, kernel, stride, padding, groups,
+                                                    bias):
+    """DenseConv2d computes its convolution (padding, stride, groups, bias) up to rounding."""
+    if kernel > size[0] + 2 * padding or kernel > size[1] + 2 * padding:
+        return  # no output: not a convolution one could build
+    torch.manual_seed(seed)
+    conv = nn.Conv2d(4, 6, kernel, stride=stride, padding=padding, groups=groups, bias=bias)
+    x = torch.randn(5, 4, *size)
+    dense = DenseConv2d(conv, size)
+    with torch.no_grad():
+        expected, got = conv(x), dense(x)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_dense_small_maps_folds_batchnorm_and_makes_only_small_maps_dense():
+    model = conv_with_batchnorm()  # 8x8 maps: nothing is small enough
+    same_maps, count = dense_small_maps(model, (1, 8, 8))
+    assert count == 0
+    small, count = dense_small_maps(model, (1, 2, 2))  # 2x2 maps: both convolutions
+    assert count == 2 and not any(isinstance(m, nn.BatchNorm2d) for m in small.modules())
+    assert sum(isinstance(m, DenseConv2d) for m in small.modules()) == 2
+    images = torch.rand(9, 1, 2, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(small(images), model(images), atol=1e-5, rtol=1e-5)
+        large = torch.rand(3, 1, 8, 8)
+        torch.testing.assert_close(same_maps(large), model(large), atol=1e-5, rtol=1e-5)
+    assert not any(isinstance(m, DenseConv2d) for m in model.modules())  # model untouched
+
+
+def test_the_default_resnet_graph_is_specialised_to_its_input_shape():
+    """The default profile's ResNet-18 at 28 x 28: the 8 convolutions that read 2x2 and 1x1
+    maps (layer3 after its first block's entry, layer4) become dense, the
+    logits move by rounding only, and another input shape is refused by name."""
+    torch.manual_seed(0)
+    model = create_model("resnet18", num_classes=10, in_chans=1, img_size=28,
+                         mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback
+        queries, graph = freeze_for_queries(model, input_shape=(1, 28, 28))
+    assert graph.used == "frozen" and "8 convolutions" in graph.reason, graph.reason
+    assert f"<= {DENSE_MAX_PIXELS} pixels" in graph.reason
+    assert queries.input_shape == (1, 28, 28)
+    images = torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        eager, frozen = model(images), queries(images)
+        torch.testing.assert_close(frozen, eager, atol=1e-5, rtol=1e-5)
+        assert torch.equal(frozen.argmax(1), eager.argmax(1))
+        with pytest.raises(ValueError, match=r"built for images of shape \(N, 1, 28, 28\)"):
+            queries(torch.rand(2, 1, 32, 32))
+    with pytest.raises(ValueError, match="input_shape"):
+        freeze_for_queries(model, input_shape=(28, 28))
+
+
+def test_a_model_fx_cannot_trace_is_frozen_unspecialised():
+    class Untraceable(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = conv_with_batchnorm()
+
+        def forward(self, x):
+            if x.sum() > -1e9:  # data-dependent control flow: torch.fx cannot trace it
+                return self.net(x)
+            return -self.net(x)
+
+    queries, graph = freeze_for_queries(Untraceable(), input_shape=(1, 8, 8))
+    assert graph.used == "frozen" and "torch.fx could not trace" in graph.reason
+    assert queries.input_shape is None
 
 
 def test_an_unknown_query_graph_is_refused():

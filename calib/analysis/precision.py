@@ -159,7 +159,7 @@ def compare_precisions(model: nn.Module, images: torch.Tensor, labels: torch.Ten
         ValueError: an unknown name, or a frozen graph with a precision other than fp32.
     """
     chosen = resolve_precision(precision, images.device)
-    queries, graph = freeze_for_queries(model, query_graph)
+    queries, graph = freeze_for_queries(model, query_graph, input_shape=images.shape[1:])
     if graph.requested == "frozen" and chosen.used != "fp32":
         raise ValueError(f"query_graph 'frozen' runs in fp32; precision {precision!r} resolved "
                          f"to {chosen.used!r}")

@@ -286,7 +286,8 @@ def run_grid(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, grid:
     start = time.perf_counter()  # freezing counts: it is part of what the grid costs
     black_box = any(split_setting(s)[0] == "square" for s in grid.settings)
     if black_box:
-        square_queries, graph = freeze_for_queries(attacked, grid.query_graph)
+        square_queries, graph = freeze_for_queries(attacked, grid.query_graph,
+                                                   input_shape=images.shape[1:])
     else:
         square_queries, graph = attacked, QueryGraph(grid.query_graph, "eager",
                                                      "no black-box setting in the grid")
