@@ -52,7 +52,7 @@ from torch import nn
 
 from calib.constants import FASHION_MNIST_MEAN, FASHION_MNIST_STD
 from calib.models import create_model, load_trained
-from calib.query_graph import freeze_for_queries
+from calib.query_graph import dense_small_maps, freeze_for_queries
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
@@ -85,8 +85,14 @@ def _split(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     return children[0], children[1]
 
 
-def build_variant(name: str, model: nn.Module, example: torch.Tensor) -> tuple[Forward, str]:
-    """A forward function ``(N, C, H, W) -> (N, K)`` float32 logits, and a note."""
+def build_variant(name: str, model: nn.Module, example: torch.Tensor,
+                  dense_max_pixels: int | None = None) -> tuple[Forward, str]:
+    """A forward function ``(N, C, H, W) -> (N, K)`` float32 logits, and a note.
+
+    ``dense_max_pixels`` (``query_graph`` only): build the frozen graph with another size limit
+    for the maps whose convolutions become dense matrix products (None: the pipeline's,
+    ``calib.query_graph.DENSE_MAX_PIXELS``).
+    """
     if name not in VARIANTS:
         raise ValueError(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
     model = copy.deepcopy(model).eval()
@@ -119,6 +125,12 @@ def build_variant(name: str, model: nn.Module, example: torch.Tensor) -> tuple[F
             frozen = torch.jit.optimize_for_inference(torch.jit.script(model))
         return frozen, "TorchScript: deprecated"
     if name == "query_graph":
+        if dense_max_pixels is not None:
+            dense, count = dense_small_maps(model, tuple(example.shape[1:]), dense_max_pixels)
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")
+                frozen = torch.jit.optimize_for_inference(torch.jit.script(dense))
+            return frozen, f"{count} convolutions dense (maps <= {dense_max_pixels} pixels)"
         queries, graph = freeze_for_queries(model, "frozen", input_shape=example.shape[1:])
         return queries, graph.reason if graph.fell_back else ""
     if name == "compile_frozen":
@@ -150,14 +162,16 @@ def images_per_second(forward: Forward, images: torch.Tensor, repeat: int) -> tu
 
 
 def bench_model(label: str, model: nn.Module, images: torch.Tensor, *, batches: list[int],
-                threads: list[int], variants: list[str], repeat: int) -> list[Row]:
+                threads: list[int], variants: list[str], repeat: int,
+                dense_max_pixels: int | None = None) -> list[Row]:
     rows: list[Row] = []
     for n_threads in threads:
         torch.set_num_threads(n_threads)
         built: dict[str, tuple[Forward, str]] = {}
         for name in variants:
             try:
-                built[name] = build_variant(name, model, images[: batches[0]])
+                built[name] = build_variant(name, model, images[: batches[0]],
+                                            dense_max_pixels)
                 with torch.inference_mode():
                     built[name][0](images[:2])
             except Exception as error:  # a variant this model or build cannot run
@@ -216,6 +230,9 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument("--batches", nargs="+", type=int, default=[100, 200, 500])
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--dense-max-pixels", type=int, default=None,
+                        help="query_graph with another limit on the maps made dense (e.g. 1 "
+                             "or 16; default: the pipeline's 4)")
     parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--tiny", action="store_true",
                         help="resnet18 only, batches 4 and 8, 1 thread, 2 repeats, no compile")
@@ -242,6 +259,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
         for label, model in models:
             rows += bench_model(label, model.eval(), images, batches=args.batches,
                                 threads=args.threads, variants=args.variants,
+                                dense_max_pixels=args.dense_max_pixels,
                                 repeat=args.repeat)
     finally:
         torch.set_num_threads(threads_before)
